@@ -19,7 +19,9 @@ two conventions:
 * ``"mrope"`` -- transformers' Qwen2-VL / Qwen3-VL M-RoPE as ``get_rope_index`` gives it: text and specials
   advance 1-D from the previous maximum + 1; a vision block of grid ``(T, H, W)`` starting at ``s`` puts token
   ``(t, r, c)`` at ``(s+t, s+r, s+c)``. Frames separated by specials are one block each (``T = 1``); frames
-  with nothing between them form one video block whose time advances by one per frame.
+  with nothing between them form one video block whose time advances by ``time_interval`` per frame (1 for
+  Qwen2-VL; ``tokens_per_second * second_per_grid_t`` for Qwen2.5-VL), and the tokens after that block continue
+  1-D from ``s + max(H, W)``, as transformers 5's ``get_rope_index`` does.
 
 Positions come from the layout alone, never from a cache length.
 """
@@ -89,6 +91,7 @@ class SequenceLayout:
     suffix_specials: int = 0
     convention: str = "mmrope"
     scales: tuple[int, int, int] = (4, 8, 8)
+    time_interval: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("text_tokens", "prefix_specials", "suffix_specials", "frame_prefix", "frame_suffix"):
@@ -104,6 +107,8 @@ class SequenceLayout:
             raise LayoutError(f"convention must be one of {CONVENTIONS}, got {self.convention!r}")
         if len(self.scales) != 3 or min(self.scales) < 1:
             raise LayoutError(f"scales must be three positive integers, got {self.scales}")
+        if not self.time_interval > 0:
+            raise LayoutError(f"time_interval must be > 0, got {self.time_interval}")
         if self.convention == "mrope" and self.row_separator:
             raise LayoutError("the 'mrope' convention has no row separators (Qwen-VL grids are contiguous)")
         object.__setattr__(self, "_arrays", self._build())
@@ -297,7 +302,8 @@ class SequenceLayout:
         if self.convention == "mmrope":
             return offset + self.scales[0] * frame
         if self._video_block:
-            return offset + frame
+            # float32 product truncated to int, exactly as get_vision_position_ids computes it
+            return offset + (frame.astype(np.float32) * np.float32(self.time_interval)).astype(np.int64)
         # one block per frame: each block starts one past the previous maximum
         span = self.frame_prefix + max(self.height, self.width) + self.frame_suffix
         return offset + self.frame_prefix + frame * span
@@ -344,8 +350,9 @@ class SequenceLayout:
                 p[:, 2] = spatial_base
                 p[is_grid, 1] = spatial_base + sh * local_row[is_grid]
                 p[is_grid, 2] = spatial_base + sw * local_col[is_grid]
-                p[sep_at, 1] = spatial_base + sh * np.arange(h)
-                p[sep_at, 2] = spatial_base + sw * w
+                if rsep:
+                    p[sep_at, 1] = spatial_base + sh * np.arange(h)
+                    p[sep_at, 2] = spatial_base + sw * w
                 p[self.tokens_per_frame - self.frame_suffix :, 1] = spatial_base + sh * h
                 p[self.tokens_per_frame - self.frame_suffix :, 2] = spatial_base + sw * w
             else:
@@ -362,6 +369,8 @@ class SequenceLayout:
         tail = self.num_tokens - self.suffix_specials
         if self.suffix_specials:
             start = int(pos3d[:tail].max()) + 1
+            if self.convention == "mrope" and self._video_block:
+                start = head + max(h, w)  # get_rope_index advances past a vision block by its spatial extent only
             pos3d[tail:] = (start + np.arange(self.suffix_specials))[:, None]
         anchor = (group == TokenGroup.TEXT) | (group == TokenGroup.COND) | (frame < 0)
         anchor |= (frame >= 0) & (frame < self.cond_frames)
