@@ -57,3 +57,44 @@ def visibility_masks(n_tokens: int, chunks: list[slice], visible_before: list[li
         mask.masked_fill_(~allowed[None], torch.finfo(mask.dtype).min)
         masks.append(mask)
     return masks
+
+
+def frame_chunks(layout) -> list[slice]:
+    """The forwards of a frame-by-frame decode: the prompt up to the end of frame 0, each later frame, the suffix."""
+    chunks = [slice(0, layout.frame_slice(0).stop)] + [layout.frame_slice(f) for f in range(1, layout.num_frames)]
+    if layout.suffix_specials:
+        chunks.append(slice(chunks[-1].stop, layout.num_tokens))
+    return chunks
+
+
+def compacted_vs_masked(model, layout, policy, inputs, *, dims: int, chunks: list[slice] | None = None):
+    """Decode ``layout`` chunk by chunk on a compacting cache, then run one full forward whose per-layer masks hide
+    what the cache had dropped. ``inputs(sl)`` gives the forward's input kwargs (``input_ids`` or
+    ``inputs_embeds``) for the tokens ``sl``. Returns ``(max |diff| vs the masked reference, cache, max |diff| vs
+    an unmasked full forward)``; the last is the effect of dropping, to show the comparison is not vacuous."""
+    from packcache import CompactCache
+
+    chunks = chunks or frame_chunks(layout)
+    cache = CompactCache(policy, layout, model=model)
+    visible, outputs = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            frames = layout.frame[chunk.start]
+            cache.compact(int(frames) if frames >= 0 else layout.num_frames)
+            visible.append([t.clone() for t in cache.slot_tokens])
+            cache.feed(chunk)
+            out = model(**inputs(chunk), past_key_values=cache, use_cache=True,
+                        position_ids=cache.position_ids(chunk, dims=dims))
+            outputs.append(output_of(model, out)[0])
+    config = model.config.get_text_config(decoder=True)
+    n = layout.num_tokens
+    masks = visibility_masks(n, chunks, visible, config.num_attention_heads, config.num_key_value_heads)
+    assert len(attention_modules(model)) == config.num_hidden_layers, "self_attn modules != decoder layers"
+    with torch.no_grad(), per_layer_masks(model, masks):
+        ref = output_of(model, model(**inputs(slice(0, n)), attention_mask=torch.zeros(1, 1, n, n),
+                                     position_ids=layout.position_ids(dims=dims)))[0]
+    with torch.no_grad():
+        full = output_of(model, model(**inputs(slice(0, n)), position_ids=layout.position_ids(dims=dims)))[0]
+    diff = max(float((out - ref[chunk]).abs().max()) for chunk, out in zip(chunks, outputs))
+    effect = max(float((out - full[chunk]).abs().max()) for chunk, out in zip(chunks, outputs))
+    return diff, cache, effect
