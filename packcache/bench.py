@@ -34,7 +34,7 @@ import torch
 
 from packcache.budget import Budget, BudgetError, atomic_write_text
 from packcache.layout import SequenceLayout
-from packcache.policies import CachePolicy, FullCache, PackCache, SlidingWindow, StreamingLLM
+from packcache.policies import CachePolicy, FullCache, PackCache, SlidingWindow
 from packcache.progress import ProgressBar
 from packcache.records import VideoResult
 

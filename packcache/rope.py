@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RotaryLayout", "RebaseError", "rotary_layout_of"]
+__all__ = ["RotaryLayout", "RebaseError", "rotary_layout_of", "text_inv_freq"]
 
 
 class RebaseError(ValueError):
@@ -87,11 +87,7 @@ def rotary_layout_of(model: torch.nn.Module) -> RotaryLayout:
     text_config = config.get_text_config(decoder=True) if config is not None else None
     model_type = str(getattr(text_config, "model_type", "") or getattr(config, "model_type", ""))
     declared = getattr(config, "packcache_rotary", None) or getattr(text_config, "packcache_rotary", None)
-    rotary = next((m for m in model.modules() if hasattr(m, "inv_freq") and "rotary" in type(m).__name__.lower()),
-                  None)
-    if rotary is None:
-        raise RebaseError(f"cannot rebase: no rotary embedding module found in {type(model).__name__}")
-    inv_freq = rotary.inv_freq.detach().cpu()
+    inv_freq = text_inv_freq(model)
     params = getattr(text_config, "rope_parameters", None) or {}
     section = params.get("mrope_section") if isinstance(params, dict) else None
     if declared == "mmrope":
@@ -106,3 +102,14 @@ def rotary_layout_of(model: torch.nn.Module) -> RotaryLayout:
         return RotaryLayout.mrope(inv_freq, list(section))
     raise RebaseError(f"cannot rebase: rotary layout of model type {model_type or type(model).__name__!r} is "
                       "unknown or 1-D (temporal rebasing needs 3-D M-RoPE / MM-RoPE channels)")
+
+
+def text_inv_freq(model: torch.nn.Module) -> torch.Tensor:
+    """Pair frequencies of the text decoder's rotary embedding (skipping a vision tower's own rotary module)."""
+    config = model.config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotaries = [m for m in model.modules() if hasattr(m, "inv_freq") and "rotary" in type(m).__name__.lower()]
+    rotary = next((m for m in rotaries if m.inv_freq.numel() == head_dim // 2), None)
+    if rotary is None:
+        raise RebaseError(f"cannot rebase: no rotary embedding of head_dim {head_dim} found in {type(model).__name__}")
+    return rotary.inv_freq.detach().cpu()
