@@ -8,6 +8,7 @@ from packcache.cache import CompactCache, attach  # noqa: E402
 from packcache.layout import LayoutError, SequenceLayout, SpecialTokens, TokenGroup  # noqa: E402
 from packcache.policies import CachePolicy, FullCache, PackCache, SlidingWindow, StreamingLLM  # noqa: E402
 from packcache.rope import RebaseError, RotaryLayout  # noqa: E402
+from packcache.runtime import generate_video  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -26,4 +27,5 @@ __all__ = [
     "StreamingLLM",
     "TokenGroup",
     "attach",
+    "generate_video",
 ]

@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=Path, default=None, help="fitted budget for the fidelity rows")
     parser.add_argument("--sections", default="speed,scaling,fidelity", help="comma-separated subset")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: one core per run gives the steadiest ratios)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         except BudgetError as exc:
             print(f"packcache-bench: {exc}", file=sys.stderr)
             return 2
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(max(1, args.threads))
     progress = not args.no_progress
     started = time.time()
     results: dict[str, Any] = {"schema": BENCH_SCHEMA, "preset": args.preset,

@@ -8,7 +8,7 @@ Schema ``packcache.budget/v1`` (every key is required unless marked optional)::
       "layout": {"tokens_per_frame": int, "visual_per_frame": int, "height": int, "width": int,
                  "text_tokens": int, "cond_frames": int, ...},          # SequenceLayout.summary()
       "anchors": {"groups": ["text", "cond", "special"]},             # never dropped
-      "decay": {"model": "exponential" | "power" | "fixed",
+      "decay": {"model": "exponential" | "power" | "exponential_floor" | "fixed",
                 "global": {"rho": float, ...fit quality...},
                 "per_layer": [{"rho": float, ...}, ...] | null,
                 "per_kv_head": [[{"rho": float, ...}, ...], ...] | null},   # optional
@@ -39,20 +39,20 @@ __all__ = ["Budget", "BudgetError", "SCHEMA", "atomic_write_text"]
 SCHEMA = "packcache.budget/v1"
 SELECTIONS = ("uniform_grid", "score")
 POSITION_RULES = ("preserve", "rebase")
-DECAY_MODELS = ("exponential", "power", "fixed")
+DECAY_MODELS = ("exponential", "power", "exponential_floor", "fixed")
 
 
 class BudgetError(ValueError):
     """A budget file or budget request that cannot be used; the message names the offending field."""
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory, then rename."""
+def atomic_write_text(path: str | os.PathLike, text: str | bytes) -> None:
+    """Write ``text`` (or raw ``bytes``) to ``path`` through a temporary file in the same directory, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:

@@ -104,6 +104,16 @@ class CompactCache(DynamicCache):
         self._incoming = idx
         self.tokens_fed = max(self.tokens_fed, int(idx.max()) + 1) if idx.numel() else self.tokens_fed
 
+    @property
+    def incoming(self) -> torch.Tensor | None:
+        """Layout indices announced by the last :meth:`feed` (the queries of the current forward)."""
+        return self._incoming
+
+    @property
+    def is_frozen(self) -> bool:
+        """True inside :meth:`frozen`: forwards attend to ``slot_tokens`` plus :attr:`incoming`, appending nothing."""
+        return self._frozen
+
     def position_ids(self, tokens: slice | np.ndarray | torch.Tensor, *, dims: int = 3) -> torch.Tensor:
         """Absolute position ids of ``tokens`` (``[1, n]`` or ``[3, 1, n]``), shifted in time if rebasing."""
         pos = self.layout.position_ids(tokens, dims=dims)

@@ -1,0 +1,32 @@
+"""The demo: synthetic token-grid videos, a small trained AR-DF video model, and its training script."""
+
+from packcache.demo.clips import (
+    VOCAB,
+    Clip,
+    Vocab,
+    clip_layout,
+    clip_token_ids,
+    decode_prompt,
+    encode_prompt,
+    frame_token_ids,
+    make_clip,
+    make_clips,
+)
+from packcache.demo.model import DemoVideoConfig, DemoVideoModel, ardf_mask, load_demo_model
+
+__all__ = [
+    "VOCAB",
+    "Clip",
+    "Vocab",
+    "clip_layout",
+    "clip_token_ids",
+    "decode_prompt",
+    "encode_prompt",
+    "frame_token_ids",
+    "make_clip",
+    "make_clips",
+    "DemoVideoConfig",
+    "DemoVideoModel",
+    "ardf_mask",
+    "load_demo_model",
+]

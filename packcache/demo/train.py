@@ -1,0 +1,295 @@
+"""Train the demo video model with AR-DF temporal tube masking (Lumos-1 style), on CPU.
+
+    python -m packcache.demo.train --out data/demo-model --seed 0
+
+Each training sequence is ``text | clean frames 0..T-2 | a masked copy of every frame 1..T-1``. A masked copy
+sits at its real frame's positions and sees the text, the clean frames before it and itself (bidirectionally).
+Masking is a *tube*: the same cells are masked in every copy of a clip; in half the clips a second tube also
+masks history frames 1..T-2 (never the condition frame), so the model learns to predict from incomplete history,
+which is what PackCache's sub-sampled frames and Lumos-1's re-encoded history give it at inference. The loss is
+cross-entropy on masked cells, weighted up on cells that change from the previous frame. The text is dropped
+(null prompt) in 10% of the clips so classifier-free guidance has an unconditional model.
+
+While training it logs teacher-forced accuracy on held-out 13-frame clips, overall and on changed cells, within
+the training length (frames 1-6) and beyond it (frames 7-12). Same seed and steps -> same checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from packcache.budget import atomic_write_text
+from packcache.demo.clips import GRID, VOCAB, Clip, clip_layout, frame_token_ids, make_clips, visual_index
+from packcache.demo.model import DemoVideoConfig, DemoVideoModel, ardf_mask
+from packcache.progress import ProgressBar
+
+__all__ = ["TrainConfig", "ArdfBatch", "ardf_batch", "batch_logits", "evaluate", "train", "heldout_seeds", "main"]
+
+HELDOUT_BASE = 10**9
+
+
+def heldout_seeds(n: int, start: int = 0) -> list[int]:
+    """Seeds of held-out clips (disjoint from every training seed)."""
+    return [HELDOUT_BASE + start + i for i in range(n)]
+
+
+def _train_seed(seed: int, step: int, i: int, batch: int) -> int:
+    return seed * 10**8 + step * batch + i
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (the defaults produce the shipped checkpoint)."""
+
+    seed: int = 0
+    steps: int = 3000
+    batch: int = 8
+    frames: int = 7
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    changed_weight: float = 3.0
+    final_changed_weight: float = 1.5
+    final_phase: float = 0.25
+    full_mask_prob: float = 0.5
+    history_mask_prob: float = 0.5
+    history_mask_max: float = 0.6
+    text_dropout: float = 0.1
+    eval_every: int = 250
+    eval_clips: int = 32
+    max_minutes: float = 60.0
+    threads: int = 1
+    init: str = ""
+
+
+@dataclass
+class ArdfBatch:
+    """One teacher-forced AR-DF batch.
+
+    ``ids [B, L]``, ``position_ids [3, 1, L]``, ``mask [1, 1, L, L]`` (shared by the batch), ``query_at [Q, H*W]``
+    sequence index of every visual cell of each masked copy (frames 1..Q), ``targets/changed/masked [B, Q, H*W]``.
+    """
+
+    ids: torch.Tensor
+    position_ids: torch.Tensor
+    mask: torch.Tensor
+    query_at: torch.Tensor
+    targets: torch.Tensor
+    changed: torch.Tensor
+    masked: torch.Tensor
+
+
+def _tube(rng: np.random.Generator, ratio: float) -> np.ndarray:
+    n = GRID * GRID
+    k = min(n, max(1, int(round(ratio * n))))
+    cells = np.zeros(n, dtype=bool)
+    cells[rng.choice(n, size=k, replace=False)] = True
+    return cells
+
+
+def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, query_ratio: float | None = 1.0,
+               full_mask_prob: float = 1.0, history_mask_prob: float = 0.0, history_mask_max: float = 0.0,
+               text_dropout: float = 0.0) -> ArdfBatch:
+    """Build the teacher-forced sequence ``text | clean frames 0..T-2 | masked copies of frames 1..T-1``.
+
+    With ``query_ratio=None`` each clip is fully masked with probability ``full_mask_prob``, else masked by a
+    tube of ratio U(0.3, 1); a number masks that ratio of cells. The default (all cells masked, clean history)
+    is the evaluation setting: next-frame prediction from the full, clean past.
+    """
+    rng = rng or np.random.default_rng(0)
+    frames = clips[0].frames.shape[0]
+    layout = clip_layout(frames)
+    text = np.arange(layout.text_tokens)
+    clean = np.concatenate([np.arange(layout.frame_slice(f).start, layout.frame_slice(f).stop)
+                            for f in range(frames - 1)])
+    query = np.concatenate([np.arange(layout.frame_slice(f).start, layout.frame_slice(f).stop)
+                            for f in range(1, frames)])
+    index = np.concatenate([text, clean, query])
+    n_hist = len(text) + len(clean)
+    block = torch.from_numpy(layout.frame[index].copy())
+    segment = block + 1
+    segment[n_hist:] += 1000
+    history = torch.zeros(len(index), dtype=torch.bool)
+    history[:n_hist] = True
+    mask = ardf_mask(block, segment, block, segment, history)
+    position_ids = torch.from_numpy(np.ascontiguousarray(layout.pos3d[index].T)).view(3, 1, -1)
+    vis = visual_index(layout)
+    tpf = layout.tokens_per_frame
+    query_at = torch.from_numpy(n_hist + np.arange(frames - 1)[:, None] * tpf + vis[None, :])
+    ids, targets, changed, masked = [], [], [], []
+    for clip in clips:
+        f = clip.frames.reshape(frames, -1)
+        if query_ratio is None:
+            ratio = 1.0 if rng.random() < full_mask_prob else rng.uniform(0.3, 1.0)
+        else:
+            ratio = query_ratio
+        qtube = _tube(rng, ratio)
+        hist = f[: frames - 1].copy()
+        if history_mask_prob and rng.random() < history_mask_prob:
+            htube = _tube(rng, rng.uniform(0.0, history_mask_max))
+            hist[1:, htube] = VOCAB.mask
+        q = f[1:].copy()
+        q[:, qtube] = VOCAB.mask
+        text_ids = VOCAB.null_prompt(len(clip.text)) if rng.random() < text_dropout else clip.text
+        seq = [text_ids] + [frame_token_ids(g.reshape(GRID, GRID)) for g in hist]
+        seq += [frame_token_ids(g.reshape(GRID, GRID)) for g in q]
+        ids.append(np.concatenate(seq))
+        targets.append(f[1:])
+        changed.append(f[1:] != f[:-1])
+        masked.append(np.broadcast_to(qtube, (frames - 1, qtube.size)))
+    return ArdfBatch(ids=torch.from_numpy(np.stack(ids)), position_ids=position_ids, mask=mask, query_at=query_at,
+                     targets=torch.from_numpy(np.stack(targets)), changed=torch.from_numpy(np.stack(changed)),
+                     masked=torch.from_numpy(np.stack(masked).copy()))
+
+
+def batch_logits(model: DemoVideoModel, batch: ArdfBatch) -> torch.Tensor:
+    """Colour logits of every masked-copy cell: ``[B, Q, H*W, num_colours]``."""
+    b = batch.ids.shape[0]
+    out = model(input_ids=batch.ids, position_ids=batch.position_ids.expand(3, b, -1),
+                attention_mask=batch.mask.expand(b, -1, -1, -1), use_cache=False)
+    return out.logits[:, batch.query_at]
+
+
+@torch.no_grad()
+def evaluate(model: DemoVideoModel, clips: list[Clip], *, train_frames: int = 7, batch: int = 8) -> dict:
+    """Teacher-forced next-frame accuracy with a full clean past, within (frames 1..train_frames-1) and beyond the
+    training length; ``acc``/``changed`` (cells that differ from the previous frame), ``copy`` = copy-last-frame."""
+    was_training = model.training
+    model.eval()
+    correct, changed, total_nll = [], [], []
+    for i in range(0, len(clips), batch):
+        b = ardf_batch(clips[i : i + batch])
+        logits = batch_logits(model, b)
+        correct.append((logits.argmax(-1) == b.targets).numpy())
+        changed.append(b.changed.numpy())
+        total_nll.append(F.cross_entropy(logits.flatten(0, 2), b.targets.flatten(), reduction="none")
+                         .view(b.targets.shape).numpy())
+    model.train(was_training)
+    correct, changed, nll = np.concatenate(correct), np.concatenate(changed), np.concatenate(total_nll)
+    out = {}
+    q = correct.shape[1]
+    for name, sl in (("in", slice(0, train_frames - 1)), ("beyond", slice(train_frames - 1, q))):
+        if sl.start >= q:
+            continue
+        c, ch, n = correct[:, sl], changed[:, sl], nll[:, sl]
+        out[f"{name}_acc"] = float(c.mean())
+        out[f"{name}_changed"] = float(c[ch].mean()) if ch.any() else float("nan")
+        out[f"{name}_copy"] = float(1 - ch.mean())
+        out[f"{name}_nll"] = float(n.mean())
+    return out
+
+
+def _lr(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_config: DemoVideoConfig | None = None
+          ) -> DemoVideoModel:
+    """Train from scratch and save the checkpoint atomically to ``out`` (plus ``train_log.json``)."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    # --init continues from an earlier checkpoint (fresh optimiser and schedule)
+    model = DemoVideoModel.from_pretrained(cfg.init) if cfg.init else DemoVideoModel(model_config or DemoVideoConfig())
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    eval_clips = make_clips(heldout_seeds(cfg.eval_clips), 13)
+    history, losses = [], []
+    start = time.perf_counter()
+    bar = ProgressBar(cfg.steps, "train")
+    step = 0
+    for step in range(cfg.steps):
+        weight = cfg.changed_weight if step < (1 - cfg.final_phase) * cfg.steps else cfg.final_changed_weight
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg)
+        clips = make_clips([_train_seed(cfg.seed, step, i, cfg.batch) for i in range(cfg.batch)], cfg.frames)
+        b = ardf_batch(clips, rng, query_ratio=None, full_mask_prob=cfg.full_mask_prob,
+                       history_mask_prob=cfg.history_mask_prob, history_mask_max=cfg.history_mask_max,
+                       text_dropout=cfg.text_dropout)
+        logits = batch_logits(model, b)
+        ce = F.cross_entropy(logits.flatten(0, 2), b.targets.flatten(), reduction="none").view(b.targets.shape)
+        w = b.masked.float() * (1 + (weight - 1) * b.changed.float())
+        loss = (ce * w).sum() / w.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.update(1, f"loss {np.mean(losses[-50:]):.3f}")
+        elapsed = time.perf_counter() - start
+        last = step == cfg.steps - 1 or elapsed > cfg.max_minutes * 60
+        if (step + 1) % cfg.eval_every == 0 or last:
+            ev = evaluate(model, eval_clips, train_frames=cfg.frames)
+            ev.update(step=step + 1, minutes=elapsed / 60, loss=float(np.mean(losses[-50:])))
+            history.append(ev)
+            print(f"\nstep {step + 1} {elapsed / 60:.1f} min loss {ev['loss']:.4f} | frames 1-{cfg.frames - 1}: "
+                  f"acc {ev['in_acc']:.3f} (copy {ev['in_copy']:.3f}) changed {ev['in_changed']:.3f} | frames "
+                  f"{cfg.frames}-12: acc {ev['beyond_acc']:.3f} (copy {ev['beyond_copy']:.3f}) changed "
+                  f"{ev['beyond_changed']:.3f}", file=log, flush=True)
+        if elapsed > cfg.max_minutes * 60:
+            print(f"stopping at step {step + 1}: time limit of {cfg.max_minutes} min", file=log, flush=True)
+            break
+    bar.close()
+    model.eval()
+    record = {"config": asdict(cfg), "steps_done": step + 1, "minutes": (time.perf_counter() - start) / 60,
+              "final_loss": float(np.mean(losses[-50:])), "eval": history,
+              "threads": torch.get_num_threads(), "torch": torch.__version__}
+    save_checkpoint(model, out, record)
+    return model
+
+
+def save_checkpoint(model: DemoVideoModel, out: str | os.PathLike, record: dict) -> None:
+    """``save_pretrained`` into a temporary sibling directory, then rename it to ``out`` (replacing it)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(0o755)
+        model.save_pretrained(tmp)
+        atomic_write_text(tmp / "train_log.json", json.dumps(record, indent=2) + "\n")
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old.{os.getpid()}")
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m packcache.demo.train --out DIR [--seed N] [--steps N] ...``."""
+    p = argparse.ArgumentParser(description="Train the packcache demo video model (AR-DF, tube masking) on CPU.")
+    p.add_argument("--out", required=True, help="checkpoint directory (written atomically)")
+    defaults = TrainConfig()
+    for name, value in asdict(defaults).items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = p.parse_args(argv)
+    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    train(cfg, args.out)
+    print(f"saved {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The shipped demo checkpoint (data/demo-model): loads offline, learned motion, and has the attention structure
+the clips were built for. Thresholds are stated here and in the README."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from packcache import FullCache
+from packcache.demo import DemoVideoModel, load_demo_model, make_clips
+from packcache.demo.model import DEFAULT_MODEL_DIR
+from packcache.demo.train import ardf_batch, batch_logits, heldout_seeds
+from packcache.metrics import copy_last_frame, ground_truth_accuracy, teacher_forced
+
+pytestmark = pytest.mark.integration
+
+#: Held-out teacher-forced accuracy on changed cells (frames 1-6, full cache) must exceed this; copy-last-frame
+#: scores exactly 0 there. The shipped checkpoint scores 0.47 on these 48 clips (overall 0.923 vs copy 0.912).
+CHANGED_CELL_THRESHOLD = 0.4
+
+
+@pytest.fixture(scope="module")
+def model() -> DemoVideoModel:
+    return load_demo_model()
+
+
+def test_checkpoint_is_small_and_loads_offline(model):
+    size = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir())
+    assert size <= 25 * 2**20
+    assert isinstance(model, DemoVideoModel) and not model.training
+    assert model.config.packcache_rotary == "mrope_interleaved"
+
+
+def test_heldout_changed_cell_accuracy_is_well_above_copy_last_frame(model):
+    clips = make_clips(heldout_seeds(48, start=5000), 7)
+    tf = teacher_forced(model, clips, FullCache())
+    truth = np.stack([c.frames for c in clips])
+    copy = ground_truth_accuracy(copy_last_frame(truth), truth)
+    summary = tf.summary()
+    assert copy["changed_acc"] == 0.0
+    assert summary["changed_acc"] > CHANGED_CELL_THRESHOLD, summary
+    assert summary["acc"] > copy["acc"], (summary, copy)
+
+
+def attention_by_group(model, clips) -> np.ndarray:
+    """Eager attention of each masked copy's visual cells, summed by key group and averaged over clips, cells,
+    heads and layers: ``[query frame k, group]`` with groups text, condition, history d = 1..5, own frame."""
+    eager = load_demo_model(attn_implementation="eager")
+    batch = ardf_batch(clips)
+    captured = []
+    hooks = [m.register_forward_hook(lambda _m, _a, out: captured.append(out[1].detach()))
+             for name, m in eager.named_modules() if name.endswith("self_attn")]
+    try:
+        with torch.no_grad():
+            batch_logits(eager, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    weights = torch.stack(captured).mean(dim=(0, 2))  # [B, L, L] over layers and heads
+    layout_frames = clips[0].frames.shape[0]
+    tpf = (batch.ids.shape[1] - 6) // (2 * (layout_frames - 1))
+    clean_start = 6
+    out = np.zeros((layout_frames, 8))
+    for q, k in enumerate(range(1, layout_frames)):
+        rows = weights[:, batch.query_at[q]]  # [B, cells, L]
+        groups = [rows[..., :6].sum(-1), rows[..., clean_start : clean_start + tpf].sum(-1)]
+        for d in range(1, 6):
+            f = k - d
+            groups.append(rows[..., clean_start + f * tpf : clean_start + (f + 1) * tpf].sum(-1) if f >= 1
+                          else torch.full_like(groups[0], float("nan")))
+        own = 6 + (layout_frames - 1) * tpf + q * tpf
+        groups.append(rows[..., own : own + tpf].sum(-1))
+        out[k] = torch.stack(groups, -1).mean(dim=(0, 1)).numpy()
+    return out
+
+
+def test_attention_anchors_hold_and_history_decays_with_distance(model):
+    """Averaged over layers and heads. Anchors: text + condition mass at k = 6 keeps >= 0.6 of its k = 2 value
+    (uniform attention over the keys would keep 80/598 / (80/302) ~ 0.5; the shipped model keeps 0.68). History, at
+    the last query frame of the training length: d = 1 dominates and mass falls strictly with d = 2..5 (the fall is
+    weak: 0.104, 0.101, 0.100, 0.094; a layer-0 head peaks at d = 3-4)."""
+    mass = attention_by_group(model, make_clips(heldout_seeds(8, start=7000), 7))
+    anchors = mass[:, 0] + mass[:, 1]
+    assert anchors[6] >= 0.6 * anchors[2], f"anchor mass fades with k: {anchors[1:]}"
+    history = mass[6, 2:7]  # d = 1..5 for query frame 6
+    assert history[0] > 1.3 * history[1], history
+    assert np.all(np.diff(history[1:]) < 0), f"history mass does not fall with distance beyond d=1: {history}"

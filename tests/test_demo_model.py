@@ -1,0 +1,136 @@
+"""Demo clips, vocabulary and layout; the demo model's save/load, rotary detection and AR-DF mask."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from packcache import SequenceLayout
+from packcache.demo import (
+    VOCAB,
+    DemoVideoConfig,
+    DemoVideoModel,
+    ardf_mask,
+    clip_layout,
+    clip_token_ids,
+    decode_prompt,
+    encode_prompt,
+    make_clip,
+    make_clips,
+)
+from packcache.demo.clips import SCALES
+from packcache.demo.train import TrainConfig, ardf_batch, train
+from packcache.rope import rotary_layout_of
+
+
+def tiny_config(**kw) -> DemoVideoConfig:
+    return DemoVideoConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=16,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [4, 2, 2]},
+                           **kw)
+
+
+def test_clips_are_deterministic_by_seed_and_differ_across_seeds():
+    a, b, c = make_clip(11, 7), make_clip(11, 7), make_clip(12, 7)
+    np.testing.assert_array_equal(a.frames, b.frames)
+    np.testing.assert_array_equal(a.text, b.text)
+    assert not np.array_equal(a.frames, c.frames)
+    # a longer clip extends the shorter one
+    np.testing.assert_array_equal(make_clip(11, 13).frames[:7], a.frames)
+
+
+def test_clip_content_matches_its_prompt():
+    for seed in range(40):
+        clip = make_clip(seed, 9)
+        assert clip.frames.min() >= 0 and clip.frames.max() < VOCAB.num_colours
+        words = clip.prompt.split()
+        assert len(words) == 3 * clip.info["objects"]
+        np.testing.assert_array_equal(encode_prompt(clip.prompt), clip.text)
+        if not clip.info["occluder"]:
+            # without an occluder every named object is a full 2x2 block in every frame
+            colours = [["red", "green", "blue", "yellow", "white", "black"].index(w) for w in words[::3]]
+            for f in clip.frames:
+                for col in colours[-1:]:  # the top-drawn object is never covered
+                    assert (f == col).sum() >= 4
+
+
+def test_motion_needs_more_than_the_last_frame():
+    frames = np.stack([c.frames for c in make_clips(range(200), 13)])
+    changed = (frames[:, 1:] != frames[:, :-1]).mean()
+    assert 0.05 < changed < 0.2
+    # some cells that change back to an earlier value reappear from 3+ frames ago (uncovered background, occlusion)
+    now, prev1, prev2, prev4 = frames[:, 4:], frames[:, 3:-1], frames[:, 2:-2], frames[:, :-4]
+    reappear = (now != prev1) & (now != prev2) & (now == prev4)
+    assert reappear.mean() > 0.005
+
+
+def test_token_ids_parse_back_to_the_clip_layout():
+    clip = make_clip(3, 5)
+    ids = clip_token_ids(clip.text, clip.frames)
+    layout = SequenceLayout.from_token_ids(ids, VOCAB.special_tokens(), convention="mmrope", scales=SCALES)
+    assert layout == clip_layout(5)
+    visual = ids[layout.row >= 0].reshape(5, 8, 8)
+    np.testing.assert_array_equal(visual, clip.frames)
+
+
+def test_prompt_round_trip_and_errors():
+    assert decode_prompt(encode_prompt("red right 1 blue down 2")) == "red right 1 blue down 2"
+    assert len(encode_prompt("red right 1")) == 6
+    with pytest.raises(ValueError, match="triples"):
+        encode_prompt("red right")
+    with pytest.raises(ValueError, match="unknown prompt word"):
+        encode_prompt("red sideways 1")
+
+
+def test_model_saves_and_loads_offline(tmp_path):
+    torch.manual_seed(0)
+    model = DemoVideoModel(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    back = DemoVideoModel.from_pretrained(tmp_path).eval()
+    assert back.config.packcache_rotary == "mrope_interleaved"
+    assert rotary_layout_of(back).kind == "mrope_interleaved"
+    batch = ardf_batch(make_clips(range(2), 3))
+    with torch.no_grad():
+        a = model(batch.ids, batch.position_ids.expand(3, 2, -1), batch.mask.expand(2, -1, -1, -1)).logits
+        b = back(batch.ids, batch.position_ids.expand(3, 2, -1), batch.mask.expand(2, -1, -1, -1)).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ardf_mask_is_causal_across_frames_and_bidirectional_within():
+    torch.manual_seed(0)
+    model = DemoVideoModel(tiny_config()).eval()
+    layout = clip_layout(3)
+    clip = make_clip(0, 3)
+    ids = torch.from_numpy(clip_token_ids(clip.text, clip.frames))[None]
+    block = torch.from_numpy(layout.frame.copy())
+    mask = ardf_mask(block, block, block, block)
+    pos = layout.position_ids()
+
+    def logits(x):
+        with torch.no_grad():
+            return model(x, pos, mask).logits[0]
+
+    base = logits(ids)
+    f1 = layout.frame_slice(1)
+    changed = ids.clone()
+    changed[0, f1.stop - 3] = (changed[0, f1.stop - 3] + 1) % VOCAB.num_colours  # last row of frame 1
+    out = logits(changed)
+    torch.testing.assert_close(out[: f1.start], base[: f1.start], rtol=0, atol=0)  # the past ignores it
+    assert (out[f1.start : f1.start + 5] - base[f1.start : f1.start + 5]).abs().max() > 1e-4  # its frame sees it
+    assert (out[layout.frame_slice(2)] - base[layout.frame_slice(2)]).abs().max() > 1e-4  # the future sees it
+
+
+def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    cfg = TrainConfig(steps=3, batch=2, frames=3, warmup=1, eval_every=3, eval_clips=2)
+    train(cfg, out, model_config=tiny_config(), log=io.StringIO())
+    assert (out / "model.safetensors").is_file() and not (out / "stale.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
+    log = (out / "train_log.json").read_text()
+    assert '"steps_done": 3' in log and "beyond_changed" in log
