@@ -167,7 +167,8 @@ def create_app(sources: Sources, runner: RunManager | None = None) -> Dash:
                                                         for s in range(steps)], "all", "130px"))], style=_ROW),
                  _graph("fig-group"), _graph("fig-steps", steps_fig)),
         _section("view-decay", "2 · Decay",
-                 "Mass on the frame d steps back, with the fitted exponential and power law (packcache.fit).",
+                 "Mass on the frame d steps back, with the decay models fitted by packcache.fit (exponential, "
+                 "power law, exponential over a floor).",
                  html.Div([_labelled("layer", _dropdown("decay-layer", _index_options(n_layers, "L"), "all")),
                            _labelled("head", _dropdown("decay-head", _index_options(n_heads, "h"), "all")),
                            dcc.Checklist(id="decay-log", options=[{"label": " log scale", "value": "log"}],

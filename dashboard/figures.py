@@ -199,7 +199,8 @@ def _fmt_se(value: float, se: float | None) -> str:
 
 def decay_figure(fits: FitReport, layer: int | None = None, head: int | None = None, *,
                  log_y: bool = True) -> go.Figure:
-    """Mass vs temporal distance with the fitted exponential and power law and the paper's rho = 1/2 (view 2).
+    """Mass vs temporal distance with the fitted exponential, power law (and exponential over a floor, when
+    fitted) and the paper's rho = 1/2 (view 2).
 
     ``fits`` is a :class:`packcache.fit.FitReport`; ``layer``/``head`` select its per-layer or per-head fit
     (``None``: the global fit over all layers and heads).
@@ -221,15 +222,32 @@ def decay_figure(fits: FitReport, layer: int | None = None, head: int | None = N
     title = f"Decay with temporal distance ({_scope(layer, head)})"
     if fit is not None:
         best = fit.model
+
+        def r2(model: str) -> str:
+            value = fit.r2.get(model)
+            return f", R² = {value:.3f}" if value is not None and np.isfinite(value) else ""
+
+        def star(model: str) -> str:
+            return " (AIC best)" if best == model else ""
+
         fig.add_trace(go.Scatter(
             x=dense, y=_f32(fit.predict(dense, "exponential")), mode="lines", line=dict(color="#1f77b4", width=3),
-            name=f"exponential C·ρ^d, ρ = {_fmt_se(fit.rho, fit.rho_se)}, R² = {fit.r2['exponential']:.3f}"
-                 + (" (AIC best)" if best == "exponential" else "")))
+            name=f"exponential C·ρ^d, ρ = {_fmt_se(fit.rho, fit.rho_se)}{r2('exponential')}{star('exponential')}"))
         fig.add_trace(go.Scatter(
             x=dense, y=_f32(fit.predict(dense, "power")), mode="lines", line=dict(color="#d62728", width=2, dash="dot"),
-            name=f"power law C·d^-α, α = {_fmt_se(fit.alpha, fit.alpha_se)}, R² = {fit.r2['power']:.3f}"
-                 + (" (AIC best)" if best == "power" else "")))
-        title += f"<br><sup>fitted ρ = {_fmt_se(fit.rho, fit.rho_se)}; paper ρ = 0.5</sup>"
+            name=f"power law C·d^-α, α = {_fmt_se(fit.alpha, fit.alpha_se)}{r2('power')}{star('power')}"))
+        rho_floor = getattr(fit, "rho_floor", float("nan"))
+        if rho_floor is not None and np.isfinite(rho_floor):
+            fig.add_trace(go.Scatter(
+                x=dense, y=_f32(fit.predict(dense, "exponential_floor")), mode="lines",
+                line=dict(color="#2ca02c", width=2, dash="dashdot"),
+                name=f"exponential + floor C·ρ^d + F, ρ = {_fmt_se(rho_floor, fit.rho_floor_se)}, "
+                     f"F = {fit.floor:.3g}{r2('exponential_floor')}{star('exponential_floor')}"))
+        if best == "exponential_floor" and np.isfinite(rho_floor):
+            title += (f"<br><sup>fitted ρ = {_fmt_se(fit.rho, fit.rho_se)}; over a floor F = {fit.floor:.3g}: "
+                      f"ρ = {_fmt_se(rho_floor, fit.rho_floor_se)}; paper ρ = 0.5</sup>")
+        else:
+            title += f"<br><sup>fitted ρ = {_fmt_se(fit.rho, fit.rho_se)}; paper ρ = 0.5</sup>"
     else:
         title += "<br><sup>no fit for this selection (too few distances with data)</sup>"
     if ok.any():
@@ -270,8 +288,17 @@ def rho_figure(fits: FitReport) -> go.Figure:
     per_layer = fits.per_layer
     fig.add_trace(go.Scatter(
         x=list(range(n_layers)), y=[f.rho for f in per_layer], mode="markers+lines", name="per layer (± s.e.)",
-        marker=dict(size=10, color="#1f77b4"),
+        marker=dict(size=10, color="#1f77b4"), text=[f"layer {i}: AIC prefers {f.model}" for i, f in
+                                                    enumerate(per_layer)],
         error_y=dict(type="data", array=[f.rho_se or 0.0 for f in per_layer], visible=True)))
+    floors = [getattr(f, "rho_floor", float("nan")) for f in per_layer]
+    if any(x is not None and np.isfinite(x) for x in floors):
+        fig.add_trace(go.Scatter(
+            x=list(range(n_layers)), y=[x if x is not None and np.isfinite(x) else None for x in floors],
+            mode="markers", name="per layer, ρ over a floor (± s.e.)", marker=dict(size=10, symbol="diamond",
+                                                                                     color="#2ca02c"),
+            error_y=dict(type="data", array=[getattr(f, "rho_floor_se", None) or 0.0 for f in per_layer],
+                         visible=True)))
     g = fits.global_fit
     fig.add_hline(y=g.rho, line=dict(color="#1f77b4", dash="dot"),
                   annotation_text=f"global ρ = {_fmt_se(g.rho, g.rho_se)}", annotation_position="top left")

@@ -12,7 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from packcache.budget import Budget, BudgetError
@@ -77,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from packcache.demo.model import load_demo_model
 
     try:
-        model = load_demo_model()
         budget = Budget.load(args.budget) if args.budget else None
+        model = load_demo_model()
         if budget is not None:
             config = model.config.get_text_config(decoder=True)
             budget.check_model(num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads)
@@ -123,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from dashboard.app import main as dashboard_main
 
     dash_args = ["--budget", str(budget_path if args.budget is None else args.budget), "--runs", str(runs_dir),
+                 "--quality", str(Path(__file__).resolve().parents[1] / "data" / "demo-policy-table.json"),
                  "--port", str(args.port)]
     if stats_path is not None:
         dash_args += ["--stats", str(stats_path)]
@@ -130,5 +130,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     sys.exit(main())

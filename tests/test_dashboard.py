@@ -243,6 +243,11 @@ def test_decay_figure_uses_the_fits(sources):
     power = next(t for t in fig.data if t.name.startswith("power"))
     np.testing.assert_allclose(power.y, fits.global_fit.predict(power.x, "power"), rtol=1e-5)
     assert f"{fits.global_fit.rho:.3f}" in fig.layout.title.text and "paper ρ = 0.5" in fig.layout.title.text
+    floor = [t for t in fig.data if t.name.startswith("exponential + floor")]
+    if np.isfinite(fits.global_fit.rho_floor):  # a floor model needs more distances than parameters
+        np.testing.assert_allclose(floor[0].y, fits.global_fit.predict(floor[0].x, "exponential_floor"), rtol=1e-5)
+    else:
+        assert not floor
     assert fig.layout.yaxis.type == "log" and F.decay_figure(fits, log_y=False).layout.yaxis.type == "linear"
     layer = F.decay_figure(fits, 1)
     exp1 = next(t for t in layer.data if t.name.startswith("exponential"))
