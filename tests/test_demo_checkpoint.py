@@ -1,4 +1,5 @@
-"""The shipped demo checkpoint (data/demo-model): loads offline, learned motion, and has the attention structure
+"""The shipped demo checkpoint (data/demo-model): loads offline, beats copy-last-frame on changed cells (mostly
+uncovered background: it has not learned object motion, see the README), and has the attention structure
 the clips were built for. Thresholds are stated here and in the README."""
 
 from __future__ import annotations
