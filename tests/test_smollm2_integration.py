@@ -14,12 +14,15 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
+import numpy as np
 import pytest
 import torch
+from probe_reference import eager_weights, group_mass
 from reference import compacted_vs_masked
 
 from packcache import Budget, CompactCache, PackCache, SlidingWindow, attach
 from packcache.adapters import adapter_for, load_model, pseudo_frame_layout
+from probes import AttentionProbe
 
 pytestmark = pytest.mark.integration
 
@@ -127,3 +130,21 @@ def test_smollm2_generation_on_a_compact_cache_stays_coherent(smollm2, smollm2_p
     full_nll, nll = continuation_nll(model, full, n), continuation_nll(model, out, n)
     assert nll <= full_nll + 1.0, (nll, full_nll)
     assert len(set(new.tolist())) >= 0.3 * len(new)
+
+
+def test_smollm2_probe_masses_equal_eager_sums(smollm2, smollm2_prompt):
+    """On real weights, the probing backend's per-head group masses equal eager attention weights summed by group."""
+    model, _ = smollm2
+    ids, layout = smollm2_prompt
+    pos = layout.position_ids(dims=1)
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad(), eager_weights(model) as weights:
+            model(input_ids=ids, position_ids=pos)
+    finally:
+        model.set_attn_implementation("sdpa")
+    ref, count = group_mass(weights, layout, max_distance=3)
+    with torch.no_grad(), AttentionProbe(model, layout, max_distance=3) as probe:
+        model(input_ids=ids, position_ids=pos)
+    assert (probe.stats.queries == count).all()
+    assert np.abs(probe.stats.mass - ref).max() <= 1e-5
