@@ -46,6 +46,17 @@ def tiny_qwen3vl_text(attn: str = "sdpa", vocab: int = 96):
     return Qwen3VLTextModel(config).eval()
 
 
+def tiny_demo_model():
+    """A very small randomly initialised :class:`packcache.demo.DemoVideoModel` (2 layers, hidden 32)."""
+    from packcache.demo.model import DemoVideoConfig, DemoVideoModel
+
+    torch.manual_seed(0)
+    config = DemoVideoConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=2, head_dim=16,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [4, 2, 2]})
+    return DemoVideoModel(config).eval()
+
+
 TINY_MODELS = {"llama": (tiny_llama, 1), "qwen2_vl": (tiny_qwen2vl_text, 3), "qwen3_vl": (tiny_qwen3vl_text, 3)}
 
 

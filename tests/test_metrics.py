@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_demo_model
 
 from packcache import FullCache, SlidingWindow
-from packcache.demo import DemoVideoConfig, DemoVideoModel, make_clips
+from packcache.demo import make_clips
 from packcache.demo.train import ardf_batch, batch_logits
 from packcache.metrics import (
     copy_last_frame,
@@ -18,14 +19,6 @@ from packcache.metrics import (
     teacher_forced,
     token_agreement,
 )
-
-
-def tiny_demo_model() -> DemoVideoModel:
-    torch.manual_seed(0)
-    config = DemoVideoConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             num_key_value_heads=2, head_dim=16,
-                             rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [4, 2, 2]})
-    return DemoVideoModel(config).eval()
 
 
 def test_token_agreement_counts_generated_frames_only():

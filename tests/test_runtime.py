@@ -8,21 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_demo_model, tiny_llama
 
 from packcache import Budget, FullCache, PackCache, SlidingWindow, StreamingLLM
-from packcache.demo import VOCAB, DemoVideoConfig, DemoVideoModel, ardf_mask, clip_layout, frame_token_ids, make_clip
+from packcache.demo import VOCAB, ardf_mask, clip_layout, frame_token_ids, make_clip
 from packcache.runtime import VideoResult, generate_video
 
 FRAMES = 13
-
-
-def tiny_demo_model() -> DemoVideoModel:
-    torch.manual_seed(0)
-    config = DemoVideoConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             num_key_value_heads=2, head_dim=16,
-                             rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [4, 2, 2]})
-    return DemoVideoModel(config).eval()
 
 
 def policies(layout, num_layers=2, num_heads=2, num_kv_heads=2):
