@@ -26,9 +26,9 @@ from transformers import DynamicCache
 
 from packcache.layout import SequenceLayout
 from packcache.policies.base import CachePolicy, SlotView
-from packcache.rope import RotaryLayout, rotary_layout_of
+from packcache.rope import RotaryLayout, position_dims, rotary_layout_of
 
-__all__ = ["CompactCache", "CompactionRecord", "attach"]
+__all__ = ["CompactCache", "CompactionRecord", "attach", "decoder_module"]
 
 
 @dataclass(frozen=True)
@@ -242,10 +242,8 @@ def attach(model: torch.nn.Module, cache: CompactCache, *, dims: int | None = No
 
     ``dims`` is 3 for M-RoPE models (detected from ``rope_parameters.mrope_section``), else 1.
     """
-    decoder = _decoder_module(model)
-    if dims is None:
-        params = getattr(model.config.get_text_config(decoder=True), "rope_parameters", None) or {}
-        dims = 3 if isinstance(params, dict) and params.get("mrope_section") else 1
+    decoder = decoder_module(model)
+    dims = dims or position_dims(model)
     layout = cache.layout
 
     def hook(module, args, kwargs):
@@ -275,6 +273,7 @@ def attach(model: torch.nn.Module, cache: CompactCache, *, dims: int | None = No
         handle.remove()
 
 
-def _decoder_module(model: torch.nn.Module) -> torch.nn.Module:
+def decoder_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack whose forward receives ``past_key_values`` (``model.model[.language_model]``)."""
     inner = getattr(model, "model", model)
     return getattr(inner, "language_model", inner)

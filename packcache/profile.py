@@ -37,6 +37,7 @@ import torch
 
 from packcache.budget import BudgetError, atomic_write_text
 from packcache.layout import LayoutError, SequenceLayout
+from packcache.rope import position_dims
 
 __all__ = ["main", "profile_demo", "profile_model", "parse_layout_spec", "compare_with_paper", "summary_table",
            "ProfileError", "DEMO_MODEL_TYPE"]
@@ -144,7 +145,7 @@ def profile_model(model: torch.nn.Module, sample_ids: list[int], *, layout: Sequ
     config = model.config
     if layout is None:
         _, layout = adapter.example(config, frames, height, width, seed=0)
-    dims = adapter.position_dims if adapter is not None else _rope_dims(model)
+    dims = adapter.position_dims if adapter is not None else position_dims(model)
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     limit = getattr(text_config, "max_position_embeddings", None)
     top = int(layout.pos3d.max() if dims == 3 else layout.pos1d.max()) + 1
@@ -172,12 +173,6 @@ def profile_model(model: torch.nn.Module, sample_ids: list[int], *, layout: Sequ
                 progress.update(1)
         stats = probe.stats
     return stats
-
-
-def _rope_dims(model: torch.nn.Module) -> int:
-    from packcache.runtime import position_dims
-
-    return position_dims(model)
 
 
 def _describe(layout: SequenceLayout) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RotaryLayout", "RebaseError", "rotary_layout_of", "text_inv_freq"]
+__all__ = ["RotaryLayout", "RebaseError", "rotary_layout_of", "text_inv_freq", "position_dims"]
 
 
 class RebaseError(ValueError):
@@ -113,3 +113,9 @@ def text_inv_freq(model: torch.nn.Module) -> torch.Tensor:
     if rotary is None:
         raise RebaseError(f"cannot rebase: no rotary embedding of head_dim {head_dim} found in {type(model).__name__}")
     return rotary.inv_freq.detach().cpu()
+
+
+def position_dims(model: torch.nn.Module) -> int:
+    """3 for models with 3-D (M-RoPE) positions, 1 otherwise."""
+    params = getattr(model.config.get_text_config(decoder=True), "rope_parameters", None) or {}
+    return 3 if isinstance(params, dict) and params.get("mrope_section") else 1

@@ -20,16 +20,11 @@ from packcache.layout import SequenceLayout
 from packcache.policies.base import CachePolicy
 from packcache.progress import ProgressBar
 from packcache.records import FrameRecord, VideoResult
+from packcache.rope import position_dims
 
 __all__ = ["generate_video", "ardf_forward", "FrameRecord", "VideoResult", "position_dims", "history_tube", "MODES"]
 
 MODES = ("masked", "raster")
-
-
-def position_dims(model: torch.nn.Module) -> int:
-    """3 for models with 3-D (M-RoPE) positions, 1 otherwise."""
-    params = getattr(model.config.get_text_config(decoder=True), "rope_parameters", None) or {}
-    return 3 if isinstance(params, dict) and params.get("mrope_section") else 1
 
 
 def history_tube(height: int, width: int, ratio: float, seed: int = 0) -> np.ndarray:

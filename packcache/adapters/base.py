@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from packcache.cache import _decoder_module
+from packcache.cache import decoder_module
 from packcache.layout import SequenceLayout
 from packcache.rope import RotaryLayout, rotary_layout_of
 
@@ -75,7 +75,7 @@ class Adapter(ABC):
 
     def decoder(self, model: torch.nn.Module) -> torch.nn.Module:
         """The decoder module whose forward :func:`packcache.cache.attach` hooks (it receives the cache)."""
-        return _decoder_module(model)
+        return decoder_module(model)
 
     @abstractmethod
     def example(self, config: Any, num_frames: int, height: int, width: int, seed: int = 0
