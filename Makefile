@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup setup-test demo test lint
+.PHONY: setup setup-test demo test lint data
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,24 @@ test: setup-test
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# Regenerate what data/ ships from the checkpoints (about 30 min on 2 cores). data/bench.json does not depend on
+# them: packcache-bench --sections speed,scaling -o data/bench.json (on an idle machine, about 6 min).
+# The checkpoints themselves come from (about 75 min in all):
+#   python -m packcache.demo.train --out data/demo-model --seed 0
+#   python -m packcache.demo.train --out data/demo-model --init data/demo-model --steps 600 --lr 1e-3 --warmup 30 \
+#     --final-phase 0
+#   python -m packcache.demo.train --out data/demo-model-long --init data/demo-model --frames 13 --steps 200 \
+#     --lr 5e-4 --warmup 20 --final-phase 0
+data: setup
+	$(VENV)/bin/packcache-profile -o data/demo-profile/budget.json --stats-out data/demo-profile/stats.npz \
+	  --compare data/demo-profile/fidelity.json
+	$(VENV)/bin/packcache-profile data/demo-model-long --frames 13 -o data/demo-profile-long/budget.json \
+	  --stats-out data/demo-profile-long/stats.npz
+	$(PY) -m packcache.metrics --out data/demo-policy-table.json
+	$(PY) -m packcache.render --out data/samples
+	$(VENV)/bin/packcache-demo --no-serve --budget data/demo-profile/budget.json --out out/data-demo
+	cp out/data-demo/runs/*.json data/runs/
+	$(VENV)/bin/packcache-bench --sections fidelity --budget data/demo-profile/budget.json -o data/bench-fidelity.json
+	$(VENV)/bin/packcache-bench --sections fidelity --model data/demo-model-long \
+	  --budget data/demo-profile-long/budget.json -o data/bench-long-clips.json

@@ -36,7 +36,8 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 DEFAULTS: dict[str, tuple[str, ...]] = {
     "stats": ("demo-profile/stats.npz",),
     "budget": ("demo-profile/budget.json",),
-    "runs": ("runs", "samples", "bench", "bench.json", "demo-policy-table.json", "demo-profile/fidelity.json"),
+    "runs": ("runs", "samples", "bench", "bench.json", "bench-fidelity.json", "bench-long-clips.json",
+             "demo-policy-table.json", "demo-profile/fidelity.json"),
     "model": ("demo-model",),
 }
 

@@ -260,11 +260,15 @@ def lumos_memory_estimate(budget_gib: float = 24.0) -> dict[str, Any]:
     }
 
 
-def _fidelity(preset: dict[str, Any], budget_path: Path | None, progress: bool) -> dict[str, Any] | None:
+def _fidelity(preset: dict[str, Any], model_dir: Path | None, budget_path: Path | None, progress: bool
+              ) -> dict[str, Any] | None:
+    from packcache.demo.model import DEFAULT_MODEL_DIR, load_demo_model
     from packcache.metrics import policy_fidelity
 
-    return policy_fidelity(budget_path=budget_path, seeds=preset["fidelity_seeds"], clips=preset["fidelity_clips"],
-                           progress=progress)
+    model = load_demo_model(model_dir)
+    result = policy_fidelity(model=model, budget_path=budget_path, seeds=preset["fidelity_seeds"],
+                             clips=preset["fidelity_clips"], progress=progress)
+    return {"model": str(model_dir or DEFAULT_MODEL_DIR), **result}
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -321,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--quick", action="store_const", const="quick", dest="preset", help="same as --preset quick")
     parser.add_argument("-o", "--out", type=Path, default=Path("out/bench.json"), help="results JSON")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="demo checkpoint for the fidelity rows (default: the shipped data/demo-model)")
     parser.add_argument("--budget", type=Path, default=None, help="fitted budget for the fidelity rows")
     parser.add_argument("--sections", default="speed,scaling,fidelity", help="comma-separated subset")
     parser.add_argument("--repeats", type=int, default=None)
@@ -333,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sections - {"speed", "scaling", "fidelity"}
     if unknown:
         print(f"packcache-bench: unknown section {sorted(unknown)[0]!r}", file=sys.stderr)
+        return 2
+    if args.model is not None and not (args.model / "config.json").is_file():
+        print(f"packcache-bench: no demo checkpoint at {args.model}", file=sys.stderr)
         return 2
     if args.budget is not None:
         try:
@@ -350,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if "scaling" in sections:
         results["scaling"] = run_scaling(preset["speed"], preset["scaling_frames"], progress=progress)
     if "fidelity" in sections:
-        results["fidelity"] = _fidelity(preset, args.budget, progress)
+        results["fidelity"] = _fidelity(preset, args.model, args.budget, progress)
     results["seconds"] = time.time() - started
     atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
     print(format_table(results))

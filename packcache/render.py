@@ -12,7 +12,7 @@ from PIL import Image
 from packcache.budget import atomic_write_text
 from packcache.demo.clips import PALETTE
 
-__all__ = ["frames_to_rgb", "render_strip", "render_gif", "MASK_RGB"]
+__all__ = ["frames_to_rgb", "render_strip", "render_sheet", "render_gif", "MASK_RGB"]
 
 #: Colour of any id outside the palette (e.g. the mask token).
 MASK_RGB = (128, 128, 128)
@@ -41,12 +41,26 @@ def _save(image: Image.Image, path: str | os.PathLike, **kwargs) -> None:
 def render_strip(frames: np.ndarray, path: str | os.PathLike, *, cell: int = 16, gap: int = 4,
                  palette: Sequence[tuple[int, int, int]] = PALETTE) -> None:
     """All frames side by side, separated by ``gap`` white pixels, as a PNG."""
-    rgb = frames_to_rgb(frames, palette, cell)
-    t, h, w, _ = rgb.shape
-    strip = np.full((h, t * w + (t - 1) * gap, 3), 255, dtype=np.uint8)
-    for i in range(t):
-        strip[:, i * (w + gap) : i * (w + gap) + w] = rgb[i]
-    _save(Image.fromarray(strip), path, format="PNG")
+    render_sheet([frames], path, cell=cell, gap=gap, palette=palette)
+
+
+def render_sheet(videos: Sequence[np.ndarray], path: str | os.PathLike, *, cell: int = 16, gap: int = 4,
+                 row_gaps: Sequence[int] | None = None, palette: Sequence[tuple[int, int, int]] = PALETTE) -> None:
+    """One strip per video (``[T, H, W]`` each, same shape), stacked top to bottom, as a PNG. ``row_gaps[i]`` is the
+    white space above row ``i + 1`` (default ``gap``), e.g. wider between pairs of generated / ground-truth rows."""
+    rgbs = [frames_to_rgb(v, palette, cell) for v in videos]
+    if not rgbs or any(r.shape != rgbs[0].shape for r in rgbs):
+        raise ValueError("render_sheet needs one or more videos of the same shape")
+    t, h, w, _ = rgbs[0].shape
+    gaps = list(row_gaps) if row_gaps is not None else [gap] * (len(rgbs) - 1)
+    if len(gaps) != len(rgbs) - 1:
+        raise ValueError(f"row_gaps needs {len(rgbs) - 1} entries, got {len(gaps)}")
+    tops = np.concatenate([[0], np.cumsum([h + g for g in gaps])]).astype(int)
+    sheet = np.full((tops[-1] + h, t * w + (t - 1) * gap, 3), 255, dtype=np.uint8)
+    for top, rgb in zip(tops, rgbs):
+        for i in range(t):
+            sheet[top : top + h, i * (w + gap) : i * (w + gap) + w] = rgb[i]
+    _save(Image.fromarray(sheet), path, format="PNG")
 
 
 def render_gif(frames: np.ndarray, path: str | os.PathLike, *, cell: int = 16, duration_ms: int = 300,
@@ -57,8 +71,9 @@ def render_gif(frames: np.ndarray, path: str | os.PathLike, *, cell: int = 16, d
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m packcache.render [--model DIR] [--out DIR]``: generate a held-out demo video with a full cache
-    and write ``<name>.png`` (strip), ``<name>.gif`` and ``<name>.json`` (the :class:`VideoResult`)."""
+    """``python -m packcache.render [--model DIR] [--out DIR] [--clips N]``: generate held-out demo videos with a full
+    cache and write ``<name>.png`` (for each clip, the generated strip above the ground truth), ``<name>.gif`` and
+    ``<name>.json`` (the :class:`VideoResult`) of the first clip."""
     import argparse
     from pathlib import Path
 
@@ -69,27 +84,32 @@ def main(argv: list[str] | None = None) -> None:
     from packcache.policies import FullCache
     from packcache.runtime import generate_video
 
-    p = argparse.ArgumentParser(description="Render a full-cache demo video (PNG strip + GIF).")
+    p = argparse.ArgumentParser(description="Render full-cache demo videos beside the ground truth (PNG + GIF).")
     p.add_argument("--model", default=None, help="demo checkpoint (default: the shipped one)")
     p.add_argument("--out", default="data/samples")
     p.add_argument("--name", default="demo-full-cache")
-    p.add_argument("--clip", type=int, default=0, help="index of the held-out clip")
+    p.add_argument("--clip", type=int, default=0, help="index of the first held-out clip")
+    p.add_argument("--clips", type=int, default=4, help="number of consecutive held-out clips (default 4)")
     p.add_argument("--frames", type=int, default=13)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--cfg-scale", type=float, default=1.0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     model = load_demo_model(args.model)
-    clip = make_clip(heldout_seeds(1, start=args.clip)[0], args.frames)
-    result = generate_video(model, clip.text, clip.frames[0], args.frames, FullCache(), steps=args.steps,
-                            cfg_scale=args.cfg_scale)
-    result.meta["prompt_text"] = clip.prompt
     out = Path(args.out)
-    render_strip(result.frames, out / f"{args.name}.png")
-    render_gif(result.frames, out / f"{args.name}.gif")
-    render_strip(clip.frames, out / f"{args.name}-ground-truth.png")
-    result.save(out / f"{args.name}.json")
-    print(f"prompt {clip.prompt!r}: wrote {out}/{args.name}.png, .gif, .json", flush=True)
+    rows, first = [], None
+    for i in range(args.clips):
+        clip = make_clip(heldout_seeds(1, start=args.clip + i)[0], args.frames)
+        result = generate_video(model, clip.text, clip.frames[0], args.frames, FullCache(), steps=args.steps,
+                                cfg_scale=args.cfg_scale)
+        result.meta["prompt_text"] = clip.prompt
+        rows += [result.frames, clip.frames]
+        first = first or result
+        print(f"clip {args.clip + i}: prompt {clip.prompt!r}", flush=True)
+    render_sheet(rows, out / f"{args.name}.png", row_gaps=[2 if r % 2 == 0 else 16 for r in range(len(rows) - 1)])
+    render_gif(first.frames, out / f"{args.name}.gif")
+    first.save(out / f"{args.name}.json")
+    print(f"wrote {out}/{args.name}.png (generated above ground truth), .gif and .json", flush=True)
 
 
 if __name__ == "__main__":

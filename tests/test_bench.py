@@ -55,3 +55,10 @@ def test_bench_rejects_bad_input(tmp_path, capsys):
     assert main(["--budget", str(bad), "-o", str(tmp_path / "x.json")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_rejects_a_missing_checkpoint(tmp_path, capsys):
+    assert main(["--sections", "fidelity", "--model", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no demo checkpoint" in err
+    assert not (tmp_path / "x.json").exists()

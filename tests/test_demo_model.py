@@ -49,9 +49,10 @@ def test_clip_content_matches_its_prompt():
         words = clip.prompt.split()
         assert len(words) == 3 * clip.info["objects"]
         np.testing.assert_array_equal(encode_prompt(clip.prompt), clip.text)
+        colours = [["red", "green", "blue", "yellow", "white", "black"].index(w) for w in words[::3]]
+        assert clip.object_colours == colours
         if not clip.info["occluder"]:
             # without an occluder every named object is a full 2x2 block in every frame
-            colours = [["red", "green", "blue", "yellow", "white", "black"].index(w) for w in words[::3]]
             for f in clip.frames:
                 for col in colours[-1:]:  # the top-drawn object is never covered
                     assert (f == col).sum() >= 4

@@ -8,7 +8,7 @@ from PIL import Image
 
 from packcache.demo import VOCAB, make_clip
 from packcache.demo.clips import PALETTE
-from packcache.render import MASK_RGB, frames_to_rgb, render_gif, render_strip
+from packcache.render import MASK_RGB, frames_to_rgb, render_gif, render_sheet, render_strip
 
 
 def test_rgb_cells_take_their_palette_colour():
@@ -31,3 +31,17 @@ def test_strip_and_gif_are_written(tmp_path):
     gif = Image.open(tmp_path / "a" / "s.gif")
     assert gif.n_frames == 5
     assert not [p for p in tmp_path.rglob(".*")], "temporary file left behind"
+
+
+def test_sheet_stacks_one_strip_per_video_with_the_given_gaps(tmp_path):
+    a, b = make_clip(0, 3).frames, make_clip(1, 3).frames
+    render_sheet([a, b, a], tmp_path / "sheet.png", cell=4, gap=2, row_gaps=[1, 6])
+    rgb = np.asarray(Image.open(tmp_path / "sheet.png").convert("RGB"))
+    assert rgb.shape == (3 * 32 + 1 + 6, 3 * 32 + 2 * 2, 3)
+    assert tuple(rgb[32 + 1, 0]) == PALETTE[b[0, 0, 0]]  # second row starts after a 1-pixel gap
+    assert tuple(rgb[2 * 32 + 1 + 6, 0]) == PALETTE[a[0, 0, 0]]
+    assert (rgb[32 : 32 + 1] == 255).all()
+    with pytest.raises(ValueError, match="row_gaps"):
+        render_sheet([a, b], tmp_path / "x.png", row_gaps=[1, 2])
+    with pytest.raises(ValueError, match="same shape"):
+        render_sheet([a, make_clip(0, 4).frames], tmp_path / "x.png")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from packcache import Budget, FullCache, PackCache, SlidingWindow, StreamingLLM
-from packcache.demo import clip_layout, load_demo_model, make_clip
+from packcache.demo import clip_layout, load_demo_model, make_clip, make_clips
 from packcache.demo.train import heldout_seeds
 from packcache.metrics import ground_truth_accuracy, token_agreement
 from packcache.render import render_gif, render_strip
@@ -33,16 +34,45 @@ def full_video(model, clip):
                           progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason="known failure of the shipped checkpoint: in free-running generation objects "
-                   "dissolve into the background within 1-2 frames (teacher-forced it recovers uncovered background "
-                   "but predicts little motion)")
-def test_full_cache_video_shows_the_objects_moving(full_video, clip):
-    frames = full_video.frames
-    moving = [bool((frames[k] != frames[k - 1]).any()) for k in range(1, 7)]
-    assert all(moving), f"within the training length some frames repeat the previous one: {moving}"
-    # it moves the way the ground truth does: well above copy-last-frame (0) on the cells that change
-    score = ground_truth_accuracy(frames, clip.frames, start=1, stop=4)
-    assert score["changed_acc"] > 0.5, score
+#: Free-running (full cache, frames 1-6 of 8 held-out clips): accuracy on the cells that change must exceed this;
+#: copy-last-frame scores 0 there.
+MOTION_THRESHOLD = 0.5
+
+
+@pytest.fixture(scope="module")
+def training_length_videos(model):
+    clips = make_clips(heldout_seeds(8, start=9000), 7)
+    videos = [generate_video(model, c.text, c.frames[0], 7, FullCache(), steps=8, cfg_scale=1.0, progress=False)
+              for c in clips]
+    return clips, np.stack([v.frames for v in videos])
+
+
+def _object_sizes(clips, generated) -> np.ndarray:
+    """Cells of each named object's colour in generated frames 1.. of the clips without an occluder."""
+    return np.concatenate([(frames[1:] == colour).sum(axis=(1, 2)) for clip, frames in zip(clips, generated)
+                           if not clip.info["occluder"] for colour in clip.object_colours])
+
+
+def test_full_cache_videos_keep_their_objects_and_change(training_length_videos):
+    """What the shipped checkpoint does reach free-running (the previous one scored 0.29 and 0.0 here)."""
+    clips, generated = training_length_videos
+    changes = (generated[:, 1:] != generated[:, :-1]).any(axis=(2, 3))
+    assert changes.mean() > 0.8, f"frames repeat the previous one: {changes}"
+    sizes = _object_sizes(clips, generated)
+    assert np.mean(sizes >= 2) > 0.6, f"objects dissolve into the background: {sizes}"
+
+
+@pytest.mark.xfail(strict=True, reason="known limitation of the shipped checkpoint (README): free-running, its errors "
+                   "compound (changed cells 0.45 vs 0.85 teacher-forced) and objects smear or fade within a few frames")
+def test_full_cache_videos_show_the_objects_moving(training_length_videos):
+    clips, generated = training_length_videos
+    truth = np.stack([c.frames for c in clips])
+    # it moves the way the ground truth does, well above copy-last-frame (0) on the cells that change
+    score = ground_truth_accuracy(generated, truth, start=1)
+    assert score["changed_acc"] > MOTION_THRESHOLD, score
+    # objects stay objects: without an occluder, each named 2x2 object keeps 3-5 cells of its colour
+    sizes = _object_sizes(clips, generated)
+    assert np.mean((sizes >= 3) & (sizes <= 5)) > 0.8, sizes
 
 
 def equal_memory(model):

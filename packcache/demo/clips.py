@@ -6,11 +6,11 @@ conditioning image. The dynamics are built so that every kind of context matters
 * **condition** -- a static two-colour textured background (blocks, stripes or split). Objects cover and
   uncover it; an uncovered cell was hidden in the last two frames, so it comes from the condition or older
   frames;
-* **text** -- the prompt names each object's colour, initial direction and speed (1 or 2 cells per frame),
-  which frame 0 does not show;
-* **recent frames** -- 2x2 objects bounce off the walls; after a bounce only the last frames tell the
-  direction;
-* **older frames** -- in half the clips a static occluder bar (drawn on top) hides objects passing behind it
+* **text** -- the prompt names each object's colour, initial direction and speed (1 cell per frame, 2 for 15% of
+  the objects), which frame 0 does not show;
+* **recent frames** -- one 2x2 object (two in 40% of the clips) bounces off the walls; after a bounce only the
+  last frames tell the direction;
+* **older frames** -- in 35% of the clips a static occluder bar (drawn on top) hides objects passing behind it
   for up to three frames; where they reappear depends on frames 3-5 steps back.
 
 The token sequence follows Lumos-1: text, then per frame ``<frame_start>``, 8 rows of 8 visual tokens each
@@ -38,6 +38,10 @@ SCALES = (1, 4, 4)
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "white", "black")
 DIRECTIONS = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 SPEEDS = (1, 2)
+#: share of clips with one object (else two), of objects moving 2 cells per frame, of clips with an occluder
+SINGLE_OBJECT_PROB = 0.6
+FAST_PROB = 0.15
+OCCLUDER_PROB = 0.35
 #: RGB of each colour id, for rendering.
 PALETTE = ((220, 50, 47), (60, 170, 70), (38, 110, 210), (240, 200, 40), (235, 235, 235), (30, 30, 30))
 
@@ -112,6 +116,11 @@ class Clip:
     def prompt(self) -> str:
         return decode_prompt(self.text)
 
+    @property
+    def object_colours(self) -> list[int]:
+        """Colour ids of the objects the prompt names."""
+        return [VOCAB.colour_words.index(int(w)) for w in self.text[0::3] if int(w) in VOCAB.colour_words]
+
 
 def _background(rng: np.random.Generator, a: int, b: int) -> np.ndarray:
     r, c = np.meshgrid(np.arange(GRID), np.arange(GRID), indexing="ij")
@@ -143,18 +152,18 @@ def make_clip(seed: int, num_frames: int = 7) -> Clip:
     rng = np.random.default_rng(seed)
     colours = rng.permutation(VOCAB.num_colours)
     bg = _background(rng, int(colours[0]), int(colours[1]))
-    n_obj = 1 if rng.random() < 0.35 else 2
+    n_obj = 1 if rng.random() < SINGLE_OBJECT_PROB else 2
     hi = GRID - OBJ
     objects = []
     for i in range(n_obj):
         d = int(rng.integers(4))
-        speed = 1 if rng.random() < 0.75 else 2
+        speed = 2 if rng.random() < FAST_PROB else 1
         dy, dx = list(DIRECTIONS.values())[d]
         objects.append({"colour": int(colours[2 + i]), "dir": d, "speed": speed,
                         "pos": [int(rng.integers(hi + 1)), int(rng.integers(hi + 1))],
                         "vel": [dy * speed, dx * speed]})
     occluder = None
-    if rng.random() < 0.5:
+    if rng.random() < OCCLUDER_PROB:
         width = int(rng.integers(2, 4))
         occluder = {"colour": int(colours[4]), "axis": int(rng.integers(2)),
                     "start": int(rng.integers(1, GRID - width)), "width": width}
