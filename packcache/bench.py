@@ -262,13 +262,13 @@ def lumos_memory_estimate(budget_gib: float = 24.0) -> dict[str, Any]:
 
 def _fidelity(preset: dict[str, Any], model_dir: Path | None, budget_path: Path | None, progress: bool
               ) -> dict[str, Any] | None:
-    from packcache.demo.model import DEFAULT_MODEL_DIR, load_demo_model
+    from packcache.demo.model import load_demo_model
     from packcache.metrics import policy_fidelity
 
     model = load_demo_model(model_dir)
     result = policy_fidelity(model=model, budget_path=budget_path, seeds=preset["fidelity_seeds"],
                              clips=preset["fidelity_clips"], progress=progress)
-    return {"model": str(model_dir or DEFAULT_MODEL_DIR), **result}
+    return {"model": str(model_dir) if model_dir is not None else "the shipped demo model", **result}
 
 
 def format_table(results: dict[str, Any]) -> str:

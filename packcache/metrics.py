@@ -202,8 +202,9 @@ def policy_table(model, *, num_clips: int = 64, num_frames: int = 13, gen_clips:
 def policy_fidelity(*, model=None, budget_path: str | os.PathLike | None = None, seeds: int = 3, clips: int = 16,
                     gen_clips: int = 4, num_frames: int = 13, steps: int = 8, progress: bool = True) -> dict:
     """:func:`policy_table` over ``seeds`` disjoint held-out clip sets (the demo model unless ``model`` is given; a
-    budget file adds PackCache(fitted) rows). Returns ``{"per_seed": [tables], "mean": {policy: {range: {metric:
-    mean}}}, "table": markdown of the means for frames 7-12}``."""
+    budget file adds PackCache(fitted) rows). Returns ``{"rows": the means in :func:`policy_table`'s row format,
+    "per_seed": [tables], "mean": {policy: {range: {metric: mean}}}, "table": markdown of the means for frames
+    7-12}``."""
     from packcache.demo.model import load_demo_model
 
     model = model if model is not None else load_demo_model()
@@ -222,7 +223,7 @@ def policy_fidelity(*, model=None, budget_path: str | os.PathLike | None = None,
                           "generated": {r: {k[len("generated_"):]: v for k, v in m[r].items()
                                             if k.startswith("generated_")} for r in FRAME_RANGES}}
                          for (name, m), row in zip(mean.items(), tables[0]["rows"])]}
-    return {"per_seed": tables, "mean": mean, "seeds": seeds, "clips": clips,
+    return {"rows": averaged["rows"], "per_seed": tables, "mean": mean, "seeds": seeds, "clips": clips,
             "table": f"fidelity, mean of {seeds} seed(s) x {clips} clips:\n" + format_table(averaged, "7-12")}
 
 

@@ -22,6 +22,7 @@ from dashboard.sources import (
     frame_ranges,
     keep_maps,
     load_budget,
+    load_quality_tables,
     load_runs,
     load_sources,
     load_stats,
@@ -402,7 +403,7 @@ def test_frames_figure(sources):
     assert np.asarray(many.data[0].z).shape[1] == 3 * 9 - 1
 
 
-def test_quality_table(sources, example):
+def test_quality_table(sources, example, tmp_path):
     assert [name for name, _ in sources.quality] == ["policy-table"]
     table = json.loads(Path(example["policy_table"]).read_text())
     assert frame_ranges(table) == ["all", "1-6", "7-12"]
@@ -416,6 +417,11 @@ def test_quality_table(sources, example):
     assert set(late.data[0].cells.values[2]) == {"–"}
     assert "packcache.metrics" in F.quality_table_figure([]).layout.annotations[0].text
     assert runs_from_file(example["policy_table"]) == []  # a table, not a run: no error
+    # a packcache-bench file with only its fidelity section: no runs, one table (the means over seeds)
+    bench = tmp_path / "bench-fidelity.json"
+    bench.write_text(json.dumps({"schema": "packcache.bench/v1", "fidelity": {"rows": table["rows"], "seeds": 3}}))
+    assert runs_from_file(bench) == []
+    assert [name for name, _ in load_quality_tables([bench])] == ["bench-fidelity"]
     extra = load_sources(example["stats"], example["budget"], [example["runs"] / "full.json"],
                          quality=[example["policy_table"]], strict=True)
     assert [name for name, _ in extra.quality] == ["policy-table"]

@@ -95,4 +95,6 @@ def test_policy_fidelity_averages_seeds_and_adds_a_fitted_budget(tmp_path):
     assert len(out["per_seed"]) == 2 and "PackCache(fitted)+rebase" in out["mean"]
     one = [t["rows"][0]["teacher_forced"]["all"]["acc"] for t in out["per_seed"]]
     assert out["mean"]["FullCache"]["all"]["teacher_forced_acc"] == pytest.approx(np.mean(one))
+    full = next(r for r in out["rows"] if r["policy"] == "FullCache")
+    assert full["teacher_forced"]["all"]["acc"] == pytest.approx(np.mean(one))
     assert "PackCache(fitted)" in out["table"]
