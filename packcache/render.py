@@ -97,18 +97,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     model = load_demo_model(args.model)
     out = Path(args.out)
-    rows, first = [], None
+    rows, results = [], []
     for i in range(args.clips):
         clip = make_clip(heldout_seeds(1, start=args.clip + i)[0], args.frames)
         result = generate_video(model, clip.text, clip.frames[0], args.frames, FullCache(), steps=args.steps,
                                 cfg_scale=args.cfg_scale)
         result.meta["prompt_text"] = clip.prompt
         rows += [result.frames, clip.frames]
-        first = first or result
+        results.append(result)
         print(f"clip {args.clip + i}: prompt {clip.prompt!r}", flush=True)
     render_sheet(rows, out / f"{args.name}.png", row_gaps=[2 if r % 2 == 0 else 16 for r in range(len(rows) - 1)])
-    render_gif(first.frames, out / f"{args.name}.gif")
-    first.save(out / f"{args.name}.json")
+    render_gif(results[0].frames, out / f"{args.name}.gif")
+    results[0].save(out / f"{args.name}.json")
     print(f"wrote {out}/{args.name}.png (generated above ground truth), .gif and .json", flush=True)
 
 

@@ -21,7 +21,7 @@ from packcache.demo import (
     make_clip,
     make_clips,
 )
-from packcache.demo.clips import SCALES
+from packcache.demo.clips import COLOUR_NAMES, SCALES
 from packcache.demo.train import TrainConfig, ardf_batch, train
 from packcache.rope import rotary_layout_of
 
@@ -49,7 +49,7 @@ def test_clip_content_matches_its_prompt():
         words = clip.prompt.split()
         assert len(words) == 3 * clip.info["objects"]
         np.testing.assert_array_equal(encode_prompt(clip.prompt), clip.text)
-        colours = [["red", "green", "blue", "yellow", "white", "black"].index(w) for w in words[::3]]
+        colours = [COLOUR_NAMES.index(w) for w in words[::3]]
         assert clip.object_colours == colours
         if not clip.info["occluder"]:
             # without an occluder every named object is a full 2x2 block in every frame
