@@ -403,8 +403,10 @@ def keep_map_figure(keep: KeepMaps, layer: int = 0, kv_head: int = 0, *, max_sid
         fig.update_yaxes(autorange="reversed", scaleanchor=f"x{d + 1 if d else ''}", showticklabels=d == 0,
                          constrain="domain", row=1, col=d + 1)
         fig.update_xaxes(constrain="domain", row=1, col=d + 1)
+    note = ("; novelty selection: changed cells go first, shown for an unchanging video"
+            if keep.selection == "novelty" else "")
     fig.update_layout(title=f"Keep map of packed frames (layer {layer}, kv head {kv_head}; "
-                            f"packed cache {keep.budget_tokens} tokens)",
+                            f"packed cache {keep.budget_tokens} tokens{note})",
                       template=_TEMPLATE, height=300, margin=_MARGIN,
                       coloraxis=dict(colorscale=[[0, "#eeeeee"], [1, "#1f77b4"]], cmin=0, cmax=1, showscale=False))
     return fig

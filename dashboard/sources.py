@@ -101,12 +101,15 @@ class KeepMaps:
     """Which grid cells of a history frame survive packing: ``keep [layers, kv_heads, W, height, width]`` bool.
 
     ``keep[l, k, d-1]`` is the frame at temporal distance ``d`` just before a new frame is generated, once the
-    cache is in the Pack/Slide stage. ``budget_tokens`` is the packed cache size per layer and head.
+    cache is in the Pack/Slide stage. ``budget_tokens`` is the packed cache size per layer and head. ``selection``
+    is the budget's in-frame rule; for ``"novelty"`` the maps are those of a video in which nothing changed (its
+    sub-grid fallback order), since a live run keeps whatever differs from the condition frame first.
     """
 
     keep: np.ndarray
     budget_tokens: int
     visual_per_frame: int
+    selection: str = "uniform_grid"
 
     @property
     def window(self) -> int:
@@ -143,7 +146,8 @@ def keep_maps(budget: Budget, layout: SequenceLayout | None = None, *, chunk_lay
                           positions=budget.positions, provenance=budget.provenance)
             parts.append(_keep_cells(PackCache(part), probe_layout))
         out = np.concatenate(parts)
-    return KeepMaps(out, int(policy.budget_tokens(probe_layout) or 0), probe_layout.visual_per_frame)
+    return KeepMaps(out, int(policy.budget_tokens(probe_layout) or 0), probe_layout.visual_per_frame,
+                    budget.selection)
 
 
 def _keep_cells(policy: Any, layout: SequenceLayout) -> np.ndarray:
@@ -157,7 +161,8 @@ def _keep_cells(policy: Any, layout: SequenceLayout) -> np.ndarray:
     next_frame = layout.num_frames - 1
     cached = layout.frame_slice(next_frame).start
     tokens = torch.arange(cached).expand(n_layers, n_kv, cached)
-    idx = policy.keep(SlotView(tokens, layout), next_frame)
+    static_video = torch.zeros(1, layout.num_tokens, dtype=torch.long)  # no token differs from the condition
+    idx = policy.keep(SlotView(tokens, layout, ids=static_video), next_frame)
     kept = np.zeros((n_layers, n_kv, cached), dtype=bool)
     if idx is None:
         kept[:] = True

@@ -14,7 +14,7 @@ Schema ``packcache.budget/v1`` (every key is required unless marked optional)::
                 "per_kv_head": [[{"rho": float, ...}, ...], ...] | null},   # optional
       "window": int,                                                   # W: history frames kept
       "keep_ratios": [[r_1..r_W] per layer]  or  [[[r_1..r_W] per kv head] per layer],
-      "selection": "uniform_grid" | "score",                          # in-frame selection rule
+      "selection": "uniform_grid" | "novelty" | "score",              # in-frame selection rule
       "positions": "preserve" | "rebase",                             # temporal position rule
       "provenance": {"model_id": str, "num_samples": int, "date": str, "packcache_version": str}
     }
@@ -37,7 +37,7 @@ from typing import Any
 __all__ = ["Budget", "BudgetError", "SCHEMA", "atomic_write_text"]
 
 SCHEMA = "packcache.budget/v1"
-SELECTIONS = ("uniform_grid", "score")
+SELECTIONS = ("uniform_grid", "novelty", "score")
 POSITION_RULES = ("preserve", "rebase")
 DECAY_MODELS = ("exponential", "power", "exponential_floor", "fixed")
 

@@ -90,17 +90,24 @@ class CompactCache(DynamicCache):
         self.compactions: list[CompactionRecord] = []
         self.tokens_fed = 0
         self._incoming: torch.Tensor | None = None
+        self.token_ids: torch.Tensor | None = None  # [rows, num_tokens], -1 where nothing was fed with ids
         self._frozen = False
         self._frame_time: dict[int, int] = {}
 
     # ----------------------------------------------------------------------------------------------------
     # feeding tokens
-    def feed(self, tokens: slice | np.ndarray | torch.Tensor) -> None:
-        """Announce the layout indices of the tokens of the next forward."""
+    def feed(self, tokens: slice | np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor | None = None) -> None:
+        """Announce the layout indices of the tokens of the next forward, and optionally their token ids
+        ``[rows, n]`` (recorded in :attr:`token_ids` for content-aware policies; a later feed overwrites)."""
         idx = torch.arange(self.layout.num_tokens)[tokens] if isinstance(tokens, slice) else torch.as_tensor(tokens)
         idx = idx.long().flatten()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.layout.num_tokens):
             raise IndexError(f"token indices outside the layout's {self.layout.num_tokens} tokens")
+        if ids is not None:
+            ids = torch.as_tensor(ids).long().reshape(-1, idx.numel())
+            if self.token_ids is None or self.token_ids.shape[0] != ids.shape[0]:
+                self.token_ids = torch.full((ids.shape[0], self.layout.num_tokens), -1, dtype=torch.long)
+            self.token_ids[:, idx] = ids
         self._incoming = idx
         self.tokens_fed = max(self.tokens_fed, int(idx.max()) + 1) if idx.numel() else self.tokens_fed
 
@@ -171,7 +178,7 @@ class CompactCache(DynamicCache):
     # compaction
     def slot_view(self, scores: torch.Tensor | None = None) -> SlotView:
         """The metadata a policy reads: ``[layers, kv_heads, S]`` layout indices (all layers hold S slots)."""
-        return SlotView(token=torch.stack(self.slot_tokens), layout=self.layout, scores=scores)
+        return SlotView(token=torch.stack(self.slot_tokens), layout=self.layout, scores=scores, ids=self.token_ids)
 
     def compact(self, next_frame: int, scores: torch.Tensor | None = None) -> CompactionRecord | None:
         """Apply the policy before ``next_frame`` is generated; rebase temporal positions if enabled."""
@@ -256,7 +263,7 @@ def attach(model: torch.nn.Module, cache: CompactCache, *, dims: int | None = No
         if n and offset > 0 and offset % layout.tokens_per_frame == 0:
             cache.compact(offset // layout.tokens_per_frame)
         tokens = slice(n, n + q)
-        cache.feed(tokens)
+        cache.feed(tokens, ids.cpu() if ids is not None else None)
         kwargs["position_ids"] = cache.position_ids(tokens, dims=dims).to(
             (ids if ids is not None else kwargs["inputs_embeds"]).device)
         mask = kwargs.get("attention_mask")

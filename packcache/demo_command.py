@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def compare_policies(model, budget: Budget, *, seed: int, frames: int, steps: in
     config = model.config.get_text_config(decoder=True)
     paper = PackCache(Budget.paper_default(config.num_hidden_layers, config.num_attention_heads,
                                            config.num_key_value_heads, layout.summary(), model_id="demo"))
-    policies = {"FullCache": FullCache(), "PackCache(paper)": paper, "PackCache(fitted)": PackCache(budget),
+    fitted = PackCache(budget)
+    policies = {"FullCache": FullCache(), "PackCache(paper)": paper, fitted.name: fitted,
                 "SlidingWindow(1)": SlidingWindow(1),
                 "StreamingLLM": StreamingLLM(max_tokens=paper.budget_tokens(layout))}
     clip = make_clip(heldout_seeds(1, start=seed)[0], frames)
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from packcache.render import render_gif, render_strip
 
     for name, res in result["runs"].items():
-        slug = name.lower().replace("(", "-").replace(")", "").replace(" ", "")
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         res.save(runs_dir / f"{slug}.json")
         render_strip(res.frames, out / "frames" / f"{slug}.png")
         render_gif(res.frames, out / "frames" / f"{slug}.gif")

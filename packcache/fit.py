@@ -308,13 +308,15 @@ def allocate(shares: np.ndarray, total: int, cap: int) -> list[int]:
 
 def budget_from_stats(stats, *, target_frames: float | None = None, target_tokens: int | None = None,
                       window: int = 4, per_kv_head: bool = False, model_id: str | None = None,
-                      report: FitReport | None = None, sharpness: float = 1.0) -> Budget:
+                      report: FitReport | None = None, sharpness: float = 1.0,
+                      selection: str = "novelty") -> Budget:
     """Turn :class:`probes.AttentionStats` into a fitted :class:`Budget`.
 
     Give exactly one target: ``target_frames`` (history worth that many frames of visual tokens; the paper uses
     1) or ``target_tokens`` (the whole cache once packed: anchors + history + the specials of the ``window``
     frames). Every layer (and kv head) keeps the same number of history tokens; ``sharpness`` is the exponent of
-    :func:`shares_from_fit`. Raises :class:`BudgetError`.
+    :func:`shares_from_fit`; ``selection`` is the in-frame rule (``"uniform_grid"``, the paper's, or ``"novelty"``).
+    Raises :class:`BudgetError`.
     """
     layout = stats.layout
     if (target_frames is None) == (target_tokens is None):
@@ -366,6 +368,7 @@ def budget_from_stats(stats, *, target_frames: float | None = None, target_token
                "per_kv_head": [[f.to_dict() for f in layer] for layer in report.per_kv_head] if per_kv_head else None},
         window=window,
         keep_ratios=keep,
+        selection=selection,
         provenance={"model_id": mid, "num_samples": int(stats.num_samples), "date": _today(),
                     "packcache_version": _version(), "source": "fitted", "target": target,
                     "history_tokens": int(history), "allocation": {"rule": "mass**sharpness", "sharpness": sharpness}},

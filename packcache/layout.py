@@ -267,6 +267,20 @@ class SequenceLayout:
         """True for tokens PackCache never drops: text, conditioning frames and the specials outside frames."""
         return self._arrays["anchor"]
 
+    def cond_cell_index(self) -> np.ndarray:
+        """For every token, the layout index of the same grid cell in the last conditioning frame (-1 for tokens
+        off the grid, or without a conditioning frame)."""
+        ref = np.full(self.num_tokens, -1, dtype=np.int64)
+        if self.cond_frames == 0:
+            return ref
+        cond = np.arange(self.num_tokens)[self.frame_slice(self.cond_frames - 1)]
+        cond = cond[self.row[cond] >= 0]
+        at_cell = np.empty(self.height * self.width, dtype=np.int64)
+        at_cell[self.row[cond] * self.width + self.col[cond]] = cond
+        grid = self.row >= 0
+        ref[grid] = at_cell[self.row[grid] * self.width + self.col[grid]]
+        return ref
+
     def frame_time(self, frame: int | np.ndarray) -> np.ndarray:
         """Temporal (t) position of the visual tokens of ``frame``; defined for any frame index >= 0."""
         return self._frame_time(np.asarray(frame))

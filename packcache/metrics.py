@@ -10,6 +10,7 @@ runs :func:`policy_table`: every policy at equal memory on held-out 13-frame cli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -98,8 +99,10 @@ def teacher_forced(model, clips: Sequence[Clip], policy: CachePolicy, *, rebase:
 
     Per frame: compact, one frozen forward of the fully masked frame (its keys are not kept), then the true frame
     is appended (re-encoded with a fixed tube of ``history_mask_ratio`` masked cells when > 0). Conditional
-    prompt only (no guidance). Clips must have equal length; they run ``batch`` at a time in one cache.
+    prompt only (no guidance). Clips must have equal length; they run ``batch`` at a time in one cache (one at a
+    time for a policy that reads token ids, so each clip gets its own selection).
     """
+    batch = 1 if policy.reads_token_ids else batch
     num_frames = clips[0].frames.shape[0]
     if any(c.frames.shape[0] != num_frames for c in clips):
         raise ValueError("teacher_forced: all clips must have the same number of frames")
@@ -144,25 +147,25 @@ def equal_memory_policies(model, layout: SequenceLayout, budget: Budget | None =
                           ) -> dict[str, tuple[CachePolicy, bool]]:
     """The policies compared at (about) one frame of history: name -> (policy, rebase).
 
-    PackCache uses :meth:`Budget.paper_default` (plus ``budget``, e.g. a fitted one, when given); StreamingLLM gets
-    exactly the paper PackCache's token budget.
+    PackCache uses :meth:`Budget.paper_default` with the paper's uniform sub-grid and with novelty selection (plus
+    ``budget``, e.g. a fitted one, when given); StreamingLLM gets exactly the paper PackCache's token budget.
     """
     config = model.config.get_text_config(decoder=True)
     paper = Budget.paper_default(config.num_hidden_layers, config.num_attention_heads,
                                  config.num_key_value_heads, layout.summary(), model_id="demo")
-    pack = PackCache(paper)
-    fitted = {}
+    packs = {"PackCache(paper)": PackCache(paper),
+             "PackCache(paper, novelty)": PackCache(dataclasses.replace(paper, selection="novelty"))}
     if budget is not None:
-        fitted = {"PackCache(fitted)": (PackCache(budget), False),
-                  "PackCache(fitted)+rebase": (PackCache(budget), True)}
+        packs["PackCache(fitted" + (", novelty)" if budget.selection == "novelty" else ")")] = PackCache(budget)
+    pack_rows = {name + ("+rebase" if rebase else ""): (policy, rebase)
+                 for name, policy in packs.items() for rebase in (False, True)}
+    tokens = packs["PackCache(paper)"].budget_tokens(layout)
     return {
         "FullCache": (FullCache(), False),
-        "PackCache(paper)": (pack, False),
-        "PackCache(paper)+rebase": (pack, True),
-        **fitted,
+        **pack_rows,
         "SlidingWindow(1)": (SlidingWindow(1), False),
         "SlidingWindow(1)+rebase": (SlidingWindow(1), True),
-        f"StreamingLLM({pack.budget_tokens(layout)})": (StreamingLLM(max_tokens=pack.budget_tokens(layout)), False),
+        f"StreamingLLM({tokens})": (StreamingLLM(max_tokens=tokens), False),
     }
 
 

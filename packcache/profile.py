@@ -2,7 +2,8 @@
 
     packcache-profile [MODEL_ID] [-o budget.json] [--samples N] [--target-frames F | --target-tokens T]
                       [--stats-out stats.npz] [--layout SPEC] [--per-kv-head] [--trust-remote-code]
-                      [--window W] [--sharpness P] [--compare fidelity.json] [--threads N] [--quiet]
+                      [--window W] [--sharpness P] [--selection RULE] [--compare fidelity.json] [--threads N]
+                      [--quiet]
 
 * No ``MODEL_ID``: the shipped demo model (``data/demo-model``) generates demo clips with AR-DF masked decoding
   (conditional branch, full cache); every decoding step is probed.
@@ -252,8 +253,8 @@ def compare_with_paper(model: torch.nn.Module, fitted, *, num_clips: int = 64, n
     m = fitted.model
     paper = Budget.paper_default(m["num_layers"], m["num_heads"], m["num_kv_heads"], dict(fitted.layout),
                                  model_id=m["id"], window=fitted.window)
-    policies = {"FullCache": FullCache(), "PackCache(paper)": PackCache(paper), "PackCache(fitted)": PackCache(fitted)}
-    if policies["PackCache(paper)"].budget_tokens(layout) != policies["PackCache(fitted)"].budget_tokens(layout):
+    policies = {p.name: p for p in (FullCache(), PackCache(paper), PackCache(fitted))}
+    if PackCache(paper).budget_tokens(layout) != PackCache(fitted).budget_tokens(layout):
         raise ProfileError("the fitted budget does not use the paper's memory; compare at --target-frames 1")
     clips = make_clips(heldout_seeds(num_clips, start=10_000 + seed * num_clips), num_frames)
     rows = {}
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-kv-head", action="store_true", help="fit and allocate per kv head")
     p.add_argument("--sharpness", type=float, default=1.0, help="keep shares proportional to fitted mass ** this "
                    "(default: 1, the paper's proportional rule; larger favours the frames with the most mass)")
+    p.add_argument("--selection", choices=("novelty", "uniform_grid"), default="novelty",
+                   help="in-frame rule: novelty (default) keeps the tokens that differ from the condition frame's "
+                   "cell first, then the uniform sub-grid; uniform_grid is the paper's")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repository")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 for the small demo model, "
@@ -366,7 +370,7 @@ def _run(args: argparse.Namespace, dist: _Dist) -> int:
         "target_frames": args.target_frames if args.target_frames is not None else 1.0}
     report = fit_stats(stats)
     budget = budget_from_stats(stats, window=args.window, per_kv_head=args.per_kv_head, report=report,
-                               sharpness=args.sharpness, **target)
+                               sharpness=args.sharpness, selection=args.selection, **target)
     if dist.rank != 0:
         return 0
     comparison = None

@@ -49,7 +49,7 @@ def ardf_forward(model: torch.nn.Module, cache: CompactCache, tokens: slice, ids
     the logits; the chunk is appended to the cache unless inside :meth:`CompactCache.frozen`."""
     ids = torch.as_tensor(np.ascontiguousarray(ids))
     rows = ids.shape[0]
-    cache.feed(tokens)
+    cache.feed(tokens, ids)
     block = torch.from_numpy(cache.layout.frame[tokens].copy())
     chunk = ardf_mask(block, block, block, block)
     cached = cache.get_seq_length() if cache.layers else 0
@@ -147,8 +147,8 @@ def generate_video(
     def forward(tokens: slice, ids: np.ndarray) -> torch.Tensor:
         if masked:
             return ardf_forward(model, cache, tokens, ids, dims)
-        cache.feed(tokens)  # raster: the model's own causal mask
         batch = torch.from_numpy(np.ascontiguousarray(ids)).view(rows, -1)
+        cache.feed(tokens, batch)  # raster: the model's own causal mask
         return model(input_ids=batch, position_ids=_positions(cache, tokens, dims, rows), past_key_values=cache,
                      use_cache=True).logits
 

@@ -82,8 +82,9 @@ def compacted_vs_masked(model, layout, policy, inputs, *, dims: int, chunks: lis
             frames = layout.frame[chunk.start]
             cache.compact(int(frames) if frames >= 0 else layout.num_frames)
             visible.append([t.clone() for t in cache.slot_tokens])
-            cache.feed(chunk)
-            out = model(**inputs(chunk), past_key_values=cache, use_cache=True,
+            kwargs = inputs(chunk)
+            cache.feed(chunk, kwargs.get("input_ids"))
+            out = model(**kwargs, past_key_values=cache, use_cache=True,
                         position_ids=cache.position_ids(chunk, dims=dims))
             outputs.append(output_of(model, out)[0])
     config = model.config.get_text_config(decoder=True)

@@ -21,14 +21,33 @@ def budget_with(ratios) -> Budget:
     return budget
 
 
+def novelty_budget() -> Budget:
+    budget = Budget.paper_default(2, 4, 2, LAYOUT.summary())
+    budget.selection = "novelty"
+    return budget
+
+
 POLICIES = {
     "packcache_paper": lambda: PackCache(Budget.paper_default(2, 4, 2, LAYOUT.summary())),
     "packcache_per_layer": lambda: PackCache(budget_with([[1.0, 0.5, 0.25, 0.25], [0.5, 0.25, 0.125, 0.125]])),
     "packcache_per_kv_head": lambda: PackCache(budget_with(
         [[[1.0, 0.5, 0.25, 0.0], [0.5, 0.5, 0.25, 0.25]], [[0.75, 0.5, 0.5, 0.25], [0.5, 0.25, 0.125, 0.125]]])),
+    "packcache_novelty": lambda: PackCache(novelty_budget()),
     "sliding_window": lambda: SlidingWindow(frames=1),
     "streaming_llm": lambda: StreamingLLM(max_tokens=60, sinks=4),
 }
+
+
+def video_ids(seed: int = 1) -> torch.Tensor:
+    """Random ids where every later frame repeats the condition frame except in about a third of its cells (so the
+    novelty selection has a real choice to make)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 96, (LAYOUT.num_tokens,), generator=gen)
+    ref = torch.from_numpy(LAYOUT.cond_cell_index())
+    later = (ref >= 0) & (torch.from_numpy(LAYOUT.frame.copy()) >= LAYOUT.cond_frames)
+    same = later & (torch.rand(LAYOUT.num_tokens, generator=gen) > 0.35)
+    ids[same] = ids[ref[same]]
+    return ids
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -36,7 +55,7 @@ POLICIES = {
 def test_compacted_decode_matches_masked_full_forward(tiny_model_name, attn, policy_name):
     factory, dims = TINY_MODELS[tiny_model_name]
     model = factory(attn)
-    ids = torch.randint(0, 96, (LAYOUT.num_tokens,), generator=torch.Generator().manual_seed(1))
+    ids = video_ids()
     diff, cache, effect = compacted_vs_masked(model, LAYOUT, POLICIES[policy_name](),
                                               lambda sl: {"input_ids": ids[None, sl]}, dims=dims)
     assert cache.slots_per_layer()[0] < LAYOUT.num_tokens - LAYOUT.tokens_per_frame, "nothing was dropped"

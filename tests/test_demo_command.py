@@ -19,12 +19,12 @@ def test_demo_profiles_fits_and_compares(tmp_path, capsys):
     budget = Budget.load(out / "budget.json", num_layers=4, num_kv_heads=4)
     assert budget.provenance["source"] == "fitted" and (out / "stats.npz").is_file()
     runs = {p.stem: VideoResult.load(p) for p in (out / "runs").glob("*.json")}
-    assert set(runs) == {"fullcache", "packcache-paper", "packcache-fitted", "slidingwindow-1", "streamingllm"}
+    assert set(runs) == {"fullcache", "packcache-paper", "packcache-fitted-novelty", "slidingwindow-1", "streamingllm"}
     full = [r.cache_tokens[0] for r in runs["fullcache"].records]
-    packed = [r.cache_tokens[0] for r in runs["packcache-fitted"].records]
+    packed = [r.cache_tokens[0] for r in runs["packcache-fitted-novelty"].records]
     assert full == sorted(full) and full[-1] > full[2]
     assert len(set(packed[5:])) == 1 and packed[-1] < full[-1], packed
-    assert (out / "frames" / "packcache-fitted.gif").is_file()
+    assert (out / "frames" / "packcache-fitted-novelty.gif").is_file()
     text = capsys.readouterr().out
     assert "cache tokens per frame" in text and "agree w/ full" in text
 

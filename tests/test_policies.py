@@ -3,6 +3,7 @@ what is present, nearer frames never keep fewer tokens, determinism."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -172,3 +173,45 @@ def test_budget_smaller_than_anchors_is_refused():
         CappedPackCache(budget).check(layout, num_layers=1, num_kv_heads=1)
     with pytest.raises(BudgetError, match="max_tokens"):
         StreamingLLM(max_tokens=3, sinks=4)
+
+
+def test_novelty_selection_keeps_what_changed_first_then_the_subgrid():
+    layout = SequenceLayout(text_tokens=2, num_frames=7, height=4, width=4)
+    budget = Budget.paper_default(1, 1, 1, layout.summary())
+    budget.selection = "novelty"
+    policy = PackCache(budget)
+    assert policy.reads_token_ids and policy.name == "PackCache(paper, novelty)"
+    rng = np.random.default_rng(0)
+    cond = rng.integers(0, 50, 16)
+    ids = np.full(layout.num_tokens, -1)
+    ids[layout.frame_slice(0)] = cond
+    changed = {}
+    for f in range(1, layout.num_frames):
+        grid = cond.copy()
+        changed[f] = rng.choice(16, size=3, replace=False)
+        grid[changed[f]] = 60 + f  # what moved in frame f
+        ids[layout.frame_slice(f)] = grid
+    rank = grid_priority(4, 4).ravel()
+
+    def kept_cells(next_frame: int, batch_ids: np.ndarray) -> dict[int, set[int]]:
+        slots = torch.arange(layout.frame_slice(next_frame).start).view(1, 1, -1)
+        kept = policy.keep(SlotView(token=slots, layout=layout, ids=torch.from_numpy(batch_ids)), next_frame)[0, 0]
+        return {f: {int(t) - layout.frame_slice(f).start for t in kept.tolist() if layout.frame[t] == f}
+                for f in range(1, next_frame)}
+
+    cells = kept_cells(5, ids[None])
+    for f, count in ((4, 8), (3, 4)):  # distances 1 and 2 keep 1/2 and 1/4 of the 16 cells
+        novel = set(changed[f].tolist())
+        assert novel <= cells[f], (f, cells[f], novel)
+        rest = sorted(set(range(16)) - novel, key=lambda c: rank[c])[: count - 3]
+        assert cells[f] == novel | set(rest)
+    assert cells[2] == set(sorted(changed[2].tolist(), key=lambda c: rank[c])[:2])  # 1/8: the first two by rank
+    later = kept_cells(6, ids[None])
+    assert all(later[f] <= cells[f] for f in range(2, 5)), "nested: an ageing frame keeps a subset"
+    # batch rows share one choice: a cell novel in any row counts
+    other = ids.copy()
+    other[layout.frame_slice(4)] = cond
+    other[layout.frame_slice(4).start + 0] = 99
+    assert 0 in kept_cells(5, np.stack([ids, other]))[4]
+    with pytest.raises(BudgetError, match="novelty"):
+        policy.keep(SlotView(token=torch.arange(layout.frame_slice(5).start).view(1, 1, -1), layout=layout), 5)

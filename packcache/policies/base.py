@@ -29,6 +29,7 @@ class SlotView:
     token: torch.Tensor
     layout: SequenceLayout
     scores: torch.Tensor | None = None
+    ids: torch.Tensor | None = None  # token id at every layout index, [rows, num_tokens] (-1: not fed yet)
 
     def _lookup(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array.copy())[self.token]
@@ -58,6 +59,18 @@ class SlotView:
         return self.group == TokenGroup.FRAME
 
     @property
+    def novel(self) -> torch.Tensor:
+        """Visual slots whose token id differs, in any batch row, from the same cell of the last conditioning frame
+        (the anchor that already holds whatever has not changed). All False without ``ids`` or a condition."""
+        layout = self.layout
+        if self.ids is None or layout.cond_frames == 0:
+            return torch.zeros(self.shape, dtype=torch.bool)
+        ref = torch.from_numpy(layout.cond_cell_index())[self.token]
+        own = self.ids[:, self.token]
+        differs = ((own != self.ids[:, ref.clamp(min=0)]) & (own >= 0)).any(0)
+        return differs & self.is_visual & (ref >= 0)
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.token.shape)
 
@@ -83,6 +96,12 @@ class CachePolicy(ABC):
         if budget is not None and budget < anchors:
             raise BudgetError(f"budget of {budget} tokens is smaller than the {anchors} anchor tokens "
                               f"(text, condition and specials) of this layout")
+
+    @property
+    def reads_token_ids(self) -> bool:
+        """True if what it keeps depends on token content (:attr:`SlotView.ids`): batch rows that hold different
+        videos then share one choice, so run one video per cache to keep each video's own selection."""
+        return False
 
     @property
     def name(self) -> str:

@@ -11,8 +11,12 @@ Stages, re-derived at every frame boundary from what is cached:
 
 In-frame selection is nested: a frame that ages from ratio 1/2 to 1/4 keeps a subset of what it had. By
 default the kept tokens form a spatially uniform sub-grid at their original (h, w) (an ordered-dither rank,
-so 1/2 is a checkerboard and 1/4 every other row and column); with ``selection="score"`` and per-slot scores
-supplied by the cache, the highest-scoring tokens are kept instead.
+so 1/2 is a checkerboard and 1/4 every other row and column). With ``selection="novelty"`` (beyond the paper) the
+tokens whose id differs from the same cell of the conditioning frame go first -- what moved, or what a moving
+object uncovered; the unchanged rest is already held by the condition anchor -- and the sub-grid order fills the
+remaining budget. This needs the token ids (``CompactCache.feed(tokens, ids)``, as the generation runtime and
+:func:`~packcache.cache.attach` do). With ``selection="score"`` and per-slot scores supplied by the cache, the
+highest-scoring tokens are kept instead.
 """
 
 from __future__ import annotations
@@ -83,6 +87,8 @@ class PackCache(CachePolicy):
             return None  # Fill
         if self.budget.selection == "score" and slots.scores is None:
             raise BudgetError("selection: the budget selects by score, but the cache has no per-slot scores")
+        if self.budget.selection == "novelty" and slots.ids is None:
+            raise BudgetError("selection: the budget selects by novelty, but the cache was fed no token ids")
         frame, visual, anchor = slots.frame, slots.is_visual, slots.anchor
         distance = next_frame - frame
         keep = anchor | (frame >= next_frame) | (~visual & (frame >= 0) & (distance <= self.window))
@@ -104,6 +110,8 @@ class PackCache(CachePolicy):
         grid = torch.from_numpy(grid_priority(layout.height, layout.width)).double()
         row, col = slots.row.clamp(min=0), slots.col.clamp(min=0)
         spatial = grid[row, col]
+        if self.budget.selection == "novelty":
+            return spatial - (layout.height * layout.width) * slots.novel.double()
         if self.budget.selection != "score":
             return spatial
         # highest score first, the spatial rank breaking ties: a lexicographic rank from two stable sorts
@@ -115,6 +123,11 @@ class PackCache(CachePolicy):
         return rank.double()
 
     @property
+    def reads_token_ids(self) -> bool:
+        return self.budget.selection == "novelty"
+
+    @property
     def name(self) -> str:
         source = self.budget.provenance.get("source", "fitted")
-        return "PackCache(paper)" if source == "paper_default" else "PackCache(fitted)"
+        name = "PackCache(paper)" if source == "paper_default" else "PackCache(fitted)"
+        return name[:-1] + ", novelty)" if self.budget.selection == "novelty" else name
