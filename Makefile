@@ -49,6 +49,7 @@ data: setup
 	  --stats-out data/demo-profile-long/stats.npz
 	$(PY) -m packcache.metrics --out data/demo-policy-table.json
 	$(PY) -m packcache.render --out data/samples
+	rm -rf out/data-demo data/runs/*.json
 	$(VENV)/bin/packcache-demo --no-serve --budget data/demo-profile/budget.json --out out/data-demo
 	cp out/data-demo/runs/*.json data/runs/
 	$(VENV)/bin/packcache-bench --sections fidelity --budget data/demo-profile/budget.json -o data/bench-fidelity.json

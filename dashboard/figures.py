@@ -403,8 +403,7 @@ def keep_map_figure(keep: KeepMaps, layer: int = 0, kv_head: int = 0, *, max_sid
         fig.update_yaxes(autorange="reversed", scaleanchor=f"x{d + 1 if d else ''}", showticklabels=d == 0,
                          constrain="domain", row=1, col=d + 1)
         fig.update_xaxes(constrain="domain", row=1, col=d + 1)
-    note = ("; novelty selection: changed cells go first, shown for an unchanging video"
-            if keep.selection == "novelty" else "")
+    note = "; novelty selection, static video" if keep.selection == "novelty" else ""
     fig.update_layout(title=f"Keep map of packed frames (layer {layer}, kv head {kv_head}; "
                             f"packed cache {keep.budget_tokens} tokens{note})",
                       template=_TEMPLATE, height=300, margin=_MARGIN,

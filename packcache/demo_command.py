@@ -47,16 +47,17 @@ def _print_comparison(clip, runs: dict) -> None:
     from packcache.metrics import ground_truth_accuracy, token_agreement
 
     names = list(runs)
+    w = max(len(n) for n in names) + 1
     print("\ncache tokens per frame (layer 0) -- what each frame's forwards attended to")
-    print(f"{'frame':>5} " + " ".join(f"{n:>18}" for n in names))
+    print(f"{'frame':>5} " + " ".join(f"{n:>{w}}" for n in names))
     for k in range(len(runs[names[0]].records)):
-        print(f"{k:>5} " + " ".join(f"{runs[n].records[k].cache_tokens[0]:>18}" for n in names))
-    print(f"\n{'policy':<18}{'peak KV KiB':>12}{'agree w/ full':>15}{'GT acc':>9}{'GT changed':>12}{'seconds':>9}")
+        print(f"{k:>5} " + " ".join(f"{runs[n].records[k].cache_tokens[0]:>{w}}" for n in names))
+    print(f"\n{'policy':<{w}}{'peak KV KiB':>12}{'agree w/ full':>15}{'GT acc':>9}{'GT changed':>12}{'seconds':>9}")
     full = runs["FullCache"].frames
     for n in names:
         res = runs[n]
         gt = ground_truth_accuracy(res.frames, clip.frames)
-        print(f"{n:<18}{max(r.kv_bytes for r in res.records) / 1024:>12.1f}"
+        print(f"{n:<{w}}{max(r.kv_bytes for r in res.records) / 1024:>12.1f}"
               f"{token_agreement(res.frames, full):>15.3f}{gt['acc']:>9.3f}{gt['changed_acc']:>12.3f}"
               f"{res.total_seconds:>9.1f}")
 

@@ -267,11 +267,12 @@ def compare_with_paper(model: torch.nn.Module, fitted, *, num_clips: int = 64, n
 
 def format_comparison(result: dict[str, Any]) -> str:
     lines = []
+    w = max(len(name) for name in result["rows"])
     for rng in next(iter(result["rows"].values()))["teacher_forced"]:
-        lines.append(f"frames {rng:>4} | {'policy':<18} | acc   | changed | NLL   | changed NLL | cache tokens")
+        lines.append(f"frames {rng:>4} | {'policy':<{w}} | acc   | changed | NLL   | changed NLL | cache tokens")
         for name, row in result["rows"].items():
             t = row["teacher_forced"][rng]
-            lines.append(f"{'':11} | {name:<18} | {t['acc']:.3f} | {t['changed_acc']:.3f}   | {t['nll']:.3f} | "
+            lines.append(f"{'':11} | {name:<{w}} | {t['acc']:.3f} | {t['changed_acc']:.3f}   | {t['nll']:.3f} | "
                          f"{t['changed_nll']:.3f}       | {row['budget_tokens']}")
     return "\n".join(lines)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,7 +11,7 @@ from PIL import Image
 from packcache import Budget, FullCache, PackCache, SlidingWindow, StreamingLLM
 from packcache.demo import clip_layout, load_demo_model, make_clip, make_clips
 from packcache.demo.train import heldout_seeds
-from packcache.metrics import ground_truth_accuracy, token_agreement
+from packcache.metrics import ground_truth_accuracy, teacher_forced, token_agreement
 from packcache.render import render_gif, render_strip
 from packcache.runtime import generate_video
 
@@ -80,22 +82,35 @@ def equal_memory(model):
     c = model.config
     pack = PackCache(Budget.paper_default(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
                                           layout.summary()))
-    return layout, {"packcache": pack, "sliding_window": SlidingWindow(1),
+    novelty = PackCache(dataclasses.replace(pack.budget, selection="novelty"))
+    return layout, {"packcache": pack, "packcache_novelty": novelty, "sliding_window": SlidingWindow(1),
                     "streaming_llm": StreamingLLM(max_tokens=pack.budget_tokens(layout))}
 
 
-@pytest.mark.parametrize("name", ["packcache", "sliding_window", "streaming_llm"])
+@pytest.mark.parametrize("name", ["packcache", "packcache_novelty", "sliding_window", "streaming_llm"])
 def test_compact_policies_generate_13_frames_at_constant_memory(model, clip, full_video, name):
     layout, policies = equal_memory(model)
     policy = policies[name]
     result = generate_video(model, clip.text, clip.frames[0], FRAMES, policy, steps=8, cfg_scale=1.0,
-                            progress=False, rebase=name == "packcache")
+                            progress=False, rebase=name.startswith("packcache"))
     sizes = [r.cache_tokens[0] for r in result.records]
     assert max(sizes) <= policy.budget_tokens(layout)
     assert len(set(sizes[6:])) == 1 and len({r.kv_bytes for r in result.records[6:]}) == 1
     assert sizes[-1] < full_video.records[-1].cache_tokens[0] / 4
     # the first frames see the same cache as the full run (nothing dropped before the budget is reached)
     assert token_agreement(result.frames[:3], full_video.frames[:3]) == 1.0
+
+
+def test_novelty_selection_keeps_the_motion_the_uniform_subgrid_loses(model):
+    """Teacher-forced beyond the training length (frames 7-12) at equal memory: keeping the history cells that
+    differ from the condition frame first recovers the moving objects the paper's uniform sub-grid drops."""
+    clips = make_clips(heldout_seeds(16, start=30_000), FRAMES)
+    _, policies = equal_memory(model)
+    score = {name: teacher_forced(model, clips, policies[name]).summary(7, 13)
+             for name in ("packcache", "packcache_novelty")}
+    uniform, novelty = score["packcache"], score["packcache_novelty"]
+    assert novelty["changed_acc"] > uniform["changed_acc"] + 0.15, score
+    assert novelty["acc"] >= uniform["acc"] and novelty["nll"] < uniform["nll"], score
 
 
 def test_rendered_strip_and_gif_exist(full_video, tmp_path):
