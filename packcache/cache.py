@@ -104,7 +104,11 @@ class CompactCache(DynamicCache):
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.layout.num_tokens):
             raise IndexError(f"token indices outside the layout's {self.layout.num_tokens} tokens")
         if ids is not None:
-            ids = torch.as_tensor(ids).long().reshape(-1, idx.numel())
+            ids = torch.as_tensor(ids).long()
+            ids = ids.view(1, -1) if ids.ndim == 1 else ids
+            if ids.ndim != 2 or ids.shape[1] != idx.numel():
+                raise ValueError(f"feed(): ids must be [rows, {idx.numel()}] for {idx.numel()} tokens, "
+                                 f"got shape {tuple(ids.shape)}")
             if self.token_ids is None or self.token_ids.shape[0] != ids.shape[0]:
                 self.token_ids = torch.full((ids.shape[0], self.layout.num_tokens), -1, dtype=torch.long)
             self.token_ids[:, idx] = ids

@@ -49,14 +49,17 @@ def test_full_cache_through_attach_equals_plain_generate(emu3):
     assert cache.slots_per_layer()[0] == layout.num_tokens - 1
 
 
-@pytest.mark.parametrize("policy_name", ["packcache", "sliding_window"])
+@pytest.mark.parametrize("policy_name", ["packcache", "packcache_novelty", "sliding_window"])
 def test_emu3_raster_generate_keeps_the_cache_constant_after_packing(emu3, policy_name):
     model, adapter, ids, layout = emu3
     config = model.config.text_config
+    paper = Budget.paper_default(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+                                 layout.summary())
     policy = (SlidingWindow(frames=1) if policy_name == "sliding_window" else
-              PackCache(Budget.paper_default(config.num_hidden_layers, config.num_attention_heads,
-                                             config.num_key_value_heads, layout.summary())))
+              PackCache(replace(paper, selection="novelty") if policy_name == "packcache_novelty" else paper))
     out, cache, positions = generate(model, adapter, ids, layout, policy)
+    # attach() records what generate() fed (every token but the last, which is generated and never fed)
+    assert torch.equal(cache.token_ids[0, : out.shape[1] - 1], out[0, :-1])
     # the generated stream keeps Emu3's format: it parses back into the same layout
     assert adapter.layout_from_ids(out[0]) == layout
     # positions stay absolute: every forward got the layout's 1-D positions, never the cache length

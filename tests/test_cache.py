@@ -121,6 +121,17 @@ def test_feed_is_required():
         model(input_ids=torch.zeros(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)
 
 
+def test_feed_records_token_ids_and_a_later_feed_overwrites():
+    cache = CompactCache(FullCache(), LAYOUT, num_layers=1, num_kv_heads=1)
+    assert cache.token_ids is None and cache.slot_view().ids is None
+    cache.feed(slice(0, 3), torch.tensor([[7, 8, 9], [4, 5, 6]]))
+    cache.feed(slice(1, 2), torch.tensor([[1], [2]]))
+    assert cache.token_ids[:, :4].tolist() == [[7, 1, 9, -1], [4, 2, 6, -1]]
+    assert cache.slot_view().ids is cache.token_ids
+    with pytest.raises(ValueError, match="ids must be"):
+        cache.feed(slice(0, 3), torch.tensor([[1, 2]]))
+
+
 @pytest.mark.parametrize("policy_name", ["packcache", "sliding_window", "streaming_llm"])
 def test_generate_with_attach_matches_our_own_loop(policy_name):
     """transformers' generate() driving a CompactCache through attach() decodes exactly what our own
