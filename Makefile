@@ -36,10 +36,10 @@ lint: setup
 
 # Regenerate what data/ ships from the checkpoints (about 30 min on 2 cores). data/bench.json does not depend on
 # them: packcache-bench --sections speed,scaling -o data/bench.json (on an idle machine, about 6 min).
-# The checkpoints themselves come from (about 61 + 19 min):
+# The checkpoints themselves come from (about 58.5 + 19 min):
 #   python -m packcache.demo.train --out data/demo-model --seed 0
-#   python -m packcache.demo.train --out data/demo-model --init data/demo-model --steps 600 --lr 1e-3 --warmup 30 \
-#     --final-phase 0
+#   python -m packcache.demo.train --out data/demo-model --init data/demo-model --steps 500 --lr 1e-3 --warmup 30 \
+#     --final-phase 0 --eval-every 1000
 #   python -m packcache.demo.train --out data/demo-model-long --init data/demo-model --frames 13 --steps 200 \
 #     --lr 5e-4 --warmup 20 --final-phase 0
 data: setup
