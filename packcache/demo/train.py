@@ -5,8 +5,8 @@
         --warmup 30 --final-phase 0 --eval-every 1000
 
 The shipped checkpoint is these two stages (2 threads, 48.9 + 9.6 minutes on 2 cores, evaluation included): the
-second stage trains on with the changed-cell weight of 4 throughout; the first stage's final phase (weight 2) had traded changed-cell
-accuracy (0.83 -> 0.73 on held-out clips) for overall accuracy.
+second stage trains on with the changed-cell weight of 4 throughout; the first stage's final phase (weight 2) had
+traded changed-cell accuracy (0.83 -> 0.73 on held-out clips) for overall accuracy.
 
 Each training sequence is ``text | clean frames 0..T-2 | a masked copy of every frame 1..T-1``. A masked copy
 sits at its real frame's positions and sees the text, the clean frames before it and itself (bidirectionally).
