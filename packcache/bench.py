@@ -11,6 +11,8 @@ figures are medians over repeats and speedups are per-repeat ratios (median and 
   the FLOP-ideal speedup and the measured speedup as a fraction of it.
 * **fidelity** -- the trained demo model at 13 frames (beyond its 7-frame training length) at equal cache
   memory, over several seeds (see :func:`packcache.metrics.policy_fidelity`).
+* **profile** (not in the default set) -- one run per speed policy under ``torch.profiler``: self CPU time by
+  kind of op (attention, linear, cache copies, other) and time per MAC of attention and of the linear layers.
 * **scaling** -- per-frame latency and KV bytes out to 48 latent frames, FullCache vs PackCache, and where a
   24 GiB budget runs out.
 
@@ -38,7 +40,8 @@ from packcache.policies import CachePolicy, FullCache, PackCache, SlidingWindow
 from packcache.progress import ProgressBar
 from packcache.records import VideoResult
 
-__all__ = ["SpeedConfig", "PRESETS", "forward_macs", "run_macs", "run_speed", "run_scaling", "main", "BENCH_SCHEMA"]
+__all__ = ["SpeedConfig", "PRESETS", "forward_macs", "frame_macs", "run_macs", "op_kind", "run_speed", "run_profile",
+           "run_scaling", "main", "BENCH_SCHEMA"]
 
 BENCH_SCHEMA = "packcache.bench/v1"
 GIB = 1024**3
@@ -111,8 +114,8 @@ def forward_macs(cfg: SpeedConfig, q: int, kv: int) -> tuple[int, int]:
     return linear, attention
 
 
-def run_macs(cfg: SpeedConfig, result: VideoResult) -> list[int]:
-    """MACs of every frame of a masked run, from the cache size its forwards attended to."""
+def frame_macs(cfg: SpeedConfig, result: VideoResult) -> list[tuple[int, int]]:
+    """(linear, attention) MACs of every frame of a masked run, from the cache size its forwards attended to."""
     layout = cfg.layout(len(result.records))
     rows = 1 if cfg.cfg_scale == 1.0 else 2
     per_frame = []
@@ -123,8 +126,13 @@ def run_macs(cfg: SpeedConfig, result: VideoResult) -> list[int]:
             q = layout.tokens_per_frame
             kv, n = rec.cache_tokens[0] + q, rec.forwards
         linear, attention = forward_macs(cfg, q, kv)
-        per_frame.append(rows * n * (linear + attention))
+        per_frame.append((rows * n * linear, rows * n * attention))
     return per_frame
+
+
+def run_macs(cfg: SpeedConfig, result: VideoResult) -> list[int]:
+    """MACs of every frame of a masked run (linear + attention)."""
+    return [linear + attention for linear, attention in frame_macs(cfg, result)]
 
 
 def _speed_policies(layout: SequenceLayout, cfg: SpeedConfig) -> dict[str, Callable[[], CachePolicy]]:
@@ -165,16 +173,19 @@ def _ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
-def run_speed(cfg: SpeedConfig, repeats: int, *, progress: bool = True) -> dict[str, Any]:
-    """Interleaved timing of FullCache, PackCache(paper) and the anchors-only floor."""
+def _inputs(cfg: SpeedConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A random prompt and condition frame for the timing model."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(11, 24, size=cfg.text_tokens), rng.integers(0, 6, size=(cfg.height, cfg.width))
+
+
+def _speed_runner(cfg: SpeedConfig) -> tuple[list[str], Callable[[str, int], VideoResult]]:
+    """The speed policies' names and ``one(name, frames)``: one masked run of the timing model, warmed up."""
     from packcache.runtime import generate_video
 
     model = cfg.model()
-    layout = cfg.layout()
-    policies = _speed_policies(layout, cfg)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(11, 24, size=cfg.text_tokens)
-    cond = rng.integers(0, 6, size=(cfg.height, cfg.width))
+    policies = _speed_policies(cfg.layout(), cfg)
+    prompt, cond = _inputs(cfg, 0)
 
     def one(name: str, frames: int) -> VideoResult:
         return generate_video(model, prompt, cond, frames, policies[name](), "masked", steps=cfg.steps,
@@ -184,6 +195,13 @@ def run_speed(cfg: SpeedConfig, repeats: int, *, progress: bool = True) -> dict[
     names = list(policies)
     for name in names:  # warm-up: allocator, kernels, caches of the layout
         one(name, 3)
+    return names, one
+
+
+def run_speed(cfg: SpeedConfig, repeats: int, *, progress: bool = True) -> dict[str, Any]:
+    """Interleaved timing of FullCache, PackCache(paper) and the anchors-only floor."""
+    layout = cfg.layout()
+    names, one = _speed_runner(cfg)
     runs: dict[str, list[VideoResult]] = {n: [] for n in names}
     bar = ProgressBar(repeats * len(names), "speed", enabled=progress)
     for r in range(repeats):
@@ -218,6 +236,49 @@ def run_speed(cfg: SpeedConfig, repeats: int, *, progress: bool = True) -> dict[
     }
 
 
+#: torch ops by the kind of work they do (self CPU time); anything else counts as "other"
+OP_KINDS = {
+    "attention": ("scaled_dot_product", "flash_attention", "_softmax", "baddbmm", "bmm"),
+    "linear": ("aten::addmm", "aten::mm", "aten::linear"),
+    "cache copies": ("aten::cat", "aten::copy_", "aten::index_select", "aten::gather", "aten::clone"),
+}
+
+
+def op_kind(name: str) -> str:
+    """The :data:`OP_KINDS` kind of a profiled op name (``"other"`` if none)."""
+    for kind, patterns in OP_KINDS.items():
+        if any(p in name for p in patterns):
+            return kind
+    return "other"
+
+
+def run_profile(cfg: SpeedConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Where each speed policy's time goes: one full run per policy under ``torch.profiler`` (self CPU time by
+    :func:`op_kind`), next to its linear and attention MACs, so time per MAC can be compared between the two."""
+    from torch.profiler import ProfilerActivity, profile
+
+    names, one = _speed_runner(cfg)
+    out: dict[str, Any] = {"frames": cfg.num_frames, "policies": {}}
+    bar = ProgressBar(len(names), "profile", enabled=progress)
+    for name in names:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            result = one(name, cfg.num_frames)
+        seconds = dict.fromkeys([*OP_KINDS, "other"], 0.0)
+        for event in prof.key_averages():
+            seconds[op_kind(event.key)] += event.self_cpu_time_total / 1e6
+        linear, attention = (sum(m) for m in zip(*frame_macs(cfg, result)))
+        out["policies"][name] = {
+            "seconds_by_kind": seconds,
+            "macs_linear": linear,
+            "macs_attention": attention,
+            "ns_per_mac_linear": 1e9 * seconds["linear"] / linear,
+            "ns_per_mac_attention": 1e9 * seconds["attention"] / attention,
+        }
+        bar.update(1, name)
+    bar.close()
+    return out
+
+
 def run_scaling(cfg: SpeedConfig, frames: int, *, progress: bool = True) -> dict[str, Any]:
     """Per-frame latency and KV bytes of FullCache vs PackCache out to ``frames`` latent frames."""
     from packcache.runtime import generate_video
@@ -225,8 +286,7 @@ def run_scaling(cfg: SpeedConfig, frames: int, *, progress: bool = True) -> dict
     model = cfg.model()
     layout = cfg.layout(frames + 1)
     policies = _speed_policies(layout, cfg)
-    rng = np.random.default_rng(1)
-    prompt, cond = rng.integers(11, 24, size=cfg.text_tokens), rng.integers(0, 6, size=(cfg.height, cfg.width))
+    prompt, cond = _inputs(cfg, 1)
     out: dict[str, Any] = {"frames": frames + 1, "steps": 1, "policies": {}}
     for name in ("FullCache", "PackCache(paper)"):
         res = generate_video(model, prompt, cond, frames + 1, policies[name](), "masked", steps=1,
@@ -306,6 +366,14 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"Lumos-1-3B-sized estimate: {est['kv_gib_per_latent_frame']:.2f} GiB KV per latent frame; "
                      f"FullCache fits {est['full_cache_latent_frames_that_fit']} latent frames in 24 GiB, PackCache "
                      f"needs {est['packcache_kv_gib']:.2f} GiB at any length")
+    prof = results.get("profile")
+    if prof:
+        kinds = [*OP_KINDS, "other"]
+        lines.append("profile (torch.profiler, self CPU seconds by kind of op, one run each):")
+        lines.append(f"{'policy':<18}" + "".join(f"{k:>14}" for k in kinds) + f"{'attn ns/MAC':>13}{'lin ns/MAC':>12}")
+        for name, p in prof["policies"].items():
+            lines.append(f"{name:<18}" + "".join(f"{p['seconds_by_kind'][k]:>14.2f}" for k in kinds)
+                         + f"{p['ns_per_mac_attention']:>13.3f}{p['ns_per_mac_linear']:>12.3f}")
     fidelity = results.get("fidelity")
     if fidelity:
         lines.append(fidelity["table"])
@@ -328,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None,
                         help="demo checkpoint for the fidelity rows (default: the shipped data/demo-model)")
     parser.add_argument("--budget", type=Path, default=None, help="fitted budget for the fidelity rows")
-    parser.add_argument("--sections", default="speed,scaling,fidelity", help="comma-separated subset")
+    parser.add_argument("--sections", default="speed,scaling,fidelity",
+                        help="comma-separated subset of speed, scaling, profile, fidelity")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: one core per run gives the steadiest ratios)")
@@ -336,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"speed", "scaling", "fidelity"}
+    unknown = sections - {"speed", "scaling", "profile", "fidelity"}
     if unknown:
         print(f"packcache-bench: unknown section {sorted(unknown)[0]!r}", file=sys.stderr)
         return 2
@@ -358,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         results["speed"] = run_speed(preset["speed"], args.repeats or preset["repeats"], progress=progress)
     if "scaling" in sections:
         results["scaling"] = run_scaling(preset["speed"], preset["scaling_frames"], progress=progress)
+    if "profile" in sections:
+        results["profile"] = run_profile(preset["speed"], progress=progress)
     if "fidelity" in sections:
         results["fidelity"] = _fidelity(preset, args.model, args.budget, progress)
     results["seconds"] = time.time() - started

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from packcache.bench import PRESETS, SpeedConfig, forward_macs, main, run_macs
+from packcache.bench import PRESETS, SpeedConfig, forward_macs, frame_macs, main, op_kind, run_macs
 from packcache.records import FrameRecord, VideoResult
 
 TINY = SpeedConfig(hidden=32, layers=1, heads=2, intermediate=64, height=3, width=4, num_frames=7, steps=1)
@@ -29,13 +29,21 @@ def test_run_macs_counts_every_forward_of_a_masked_run():
     q = layout.tokens_per_frame
     assert macs[1] == 2 * 2 * sum(forward_macs(TINY, q, 40 + q))  # CFG rows x forwards x (linear + attention)
     assert macs[2] > macs[1]
+    assert macs == [a + b for a, b in frame_macs(TINY, VideoResult(frames=None, records=records))]
+
+
+def test_profiled_ops_fall_into_kinds():
+    assert op_kind("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert op_kind("aten::addmm") == op_kind("aten::mm") == "linear"
+    assert op_kind("aten::index_select") == op_kind("aten::cat") == "cache copies"
+    assert op_kind("aten::silu") == "other"
 
 
 @pytest.mark.integration
 def test_bench_end_to_end_writes_results(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(PRESETS, "quick", {**PRESETS["quick"], "speed": TINY, "repeats": 1, "scaling_frames": 8})
     out = tmp_path / "bench.json"
-    assert main(["--quick", "--sections", "speed,scaling", "-o", str(out), "--no-progress"]) == 0
+    assert main(["--quick", "--sections", "speed,scaling,profile", "-o", str(out), "--no-progress"]) == 0
     data = json.loads(out.read_text())
     speed = data["speed"]
     assert set(speed["policies"]) == {"FullCache", "PackCache(paper)", "AnchorsOnly"}
@@ -45,7 +53,15 @@ def test_bench_end_to_end_writes_results(tmp_path, monkeypatch, capsys):
     assert speed["ideal_speedup_end_to_end"] == pytest.approx(full["macs_total"] / pack["macs_total"])
     scaling = data["scaling"]["policies"]["PackCache(paper)"]["kv_bytes"]
     assert scaling[-1] == scaling[-2], "PackCache memory must be flat once packed"
-    assert "speedup vs FullCache" in capsys.readouterr().out
+    prof = data["profile"]["policies"]
+    assert set(prof) == set(speed["policies"])
+    for name, p in prof.items():
+        assert p["seconds_by_kind"]["attention"] > 0 and p["seconds_by_kind"]["linear"] > 0, (name, p)
+        assert p["macs_linear"] + p["macs_attention"] == speed["policies"][name]["macs_total"]
+    assert prof["FullCache"]["macs_attention"] > prof["PackCache(paper)"]["macs_attention"]
+    assert prof["FullCache"]["macs_linear"] == prof["PackCache(paper)"]["macs_linear"]
+    printed = capsys.readouterr().out
+    assert "speedup vs FullCache" in printed and "profile (torch.profiler" in printed
 
 
 def test_bench_rejects_bad_input(tmp_path, capsys):
