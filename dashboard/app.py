@@ -122,6 +122,8 @@ def create_app(sources: Sources, runner: RunManager | None = None) -> Dash:
     rho_fig = _static(lambda: F.rho_figure(fits), "Decay rate") if fits is not None else missing("stats", "Decay rate")
     ratio_fig = (_static(lambda: F.keep_ratio_figure(budget), "Budget") if budget is not None
                  else missing("budget", "Budget"))
+    profile_fig = (_static(lambda: F.time_by_kind_figure(sources.profiles[0][1]), "Where the time goes")
+                   if sources.profiles else None)
 
     summary = []
     if st is not None:
@@ -194,7 +196,8 @@ def create_app(sources: Sources, runner: RunManager | None = None) -> Dash:
                  html.Div([_labelled("metric", _radio("runtime-metric", [
                      {"label": "latency", "value": "seconds"}, {"label": "cache tokens", "value": "cache_tokens"},
                      {"label": "KV bytes", "value": "kv_bytes"}], "seconds"))], style=_ROW),
-                 _graph("fig-runtime"), _graph("fig-run-table")),
+                 _graph("fig-runtime"), _graph("fig-run-table"),
+                 *([_graph("fig-time-by-kind", profile_fig)] if profile_fig is not None else [])),
         _section("view-frames", "6 · Frames",
                  "Generated frames: full-cache reference above the chosen run; per-frame agreement under each frame.",
                  html.Div([_labelled("run", _dropdown("frames-run", [], None, "360px"))], style=_ROW),

@@ -42,6 +42,7 @@ __all__ = [
     "keep_ratio_figure",
     "keep_map_figure",
     "runtime_figure",
+    "time_by_kind_figure",
     "run_table_figure",
     "quality_table_figure",
     "frames_figure",
@@ -468,6 +469,34 @@ def run_table_figure(rows: Sequence[dict[str, Any]]) -> go.Figure:
         cells=dict(values=list(columns.values()), align="left",
                    font=dict(size=11, color=[colours] + [["#222"] * len(rows)] * (len(columns) - 1)))))
     fig.update_layout(template=_TEMPLATE, height=100 + 26 * len(rows), margin=dict(l=10, r=10, t=10, b=10))
+    return fig
+
+
+#: Colours of the kinds of work in :func:`time_by_kind_figure` (the kinds of ``packcache.bench.OP_KINDS``).
+_KIND_COLOURS = {"attention": "#d62728", "linear": "#1f77b4", "cache copies": "#ff7f0e", "other": "#9e9e9e"}
+
+
+def time_by_kind_figure(profile: dict[str, Any], title: str = "Where the time goes") -> go.Figure:
+    """Stacked bars of profiled self CPU seconds by kind of op per policy (a ``packcache-bench`` ``profile``
+    section); the hover adds each kind's share and, for attention and linear layers, the time per MAC."""
+    policies = profile.get("policies") or {}
+    if not policies:
+        return message_figure("no profile section (packcache-bench --sections profile)", title)
+    names = list(policies)
+    fig = go.Figure()
+    for kind, colour in _KIND_COLOURS.items():
+        seconds = [float(policies[n]["seconds_by_kind"].get(kind, 0.0)) for n in names]
+        totals = [sum(policies[n]["seconds_by_kind"].values()) or 1.0 for n in names]
+        per_mac = [policies[n].get(f"ns_per_mac_{'linear' if kind == 'linear' else 'attention'}")
+                   if kind in ("attention", "linear") else None for n in names]
+        extra = [f"<br>{v:.3f} ns per MAC" if v is not None else "" for v in per_mac]
+        fig.add_trace(go.Bar(y=names, x=seconds, name=kind, orientation="h", marker_color=colour,
+                             customdata=[[s / t, e] for s, t, e in zip(seconds, totals, extra)],
+                             hovertemplate=f"%{{y}}: {kind} %{{x:.2f}} s (%{{customdata[0]:.0%}})%{{customdata[1]}}"
+                                           "<extra></extra>"))
+    fig.update_layout(barmode="stack", title=f"{title} (torch.profiler, self CPU time of one run each)",
+                      xaxis_title="seconds", template=_TEMPLATE, height=140 + 40 * len(names), margin=_MARGIN,
+                      yaxis=dict(autorange="reversed"), legend=dict(orientation="h", y=-0.35))
     return fig
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,8 @@ from probes.stats import AttentionStats, StatsError
 
 __all__ = ["DATA_DIR", "DEFAULTS", "SourceError", "RunCurves", "KeepMaps", "Sources", "load_stats", "load_budget",
            "load_runs", "runs_from_file", "run_curves", "frame_agreement", "reference_for", "run_summary",
-           "quality_rows", "frame_ranges", "load_quality_tables", "keep_maps", "layout_from_summary", "load_sources",
-           "default_paths"]
+           "quality_rows", "frame_ranges", "load_quality_tables", "load_time_profiles", "keep_maps",
+           "layout_from_summary", "load_sources", "default_paths"]
 
 #: The repository's ``data/`` directory (the embedded demo artefacts).
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -37,7 +37,7 @@ DEFAULTS: dict[str, tuple[str, ...]] = {
     "stats": ("demo-profile/stats.npz",),
     "budget": ("demo-profile/budget.json",),
     "runs": ("runs", "samples", "bench", "bench.json", "bench-fidelity.json", "bench-long-clips.json",
-             "demo-policy-table.json", "demo-profile/fidelity.json"),
+             "bench-profile.json", "demo-policy-table.json", "demo-profile/fidelity.json"),
     "model": ("demo-model",),
 }
 
@@ -232,7 +232,7 @@ def runs_from_file(path: str | os.PathLike, *, strict: bool = True) -> list[RunC
             raise SourceError(_one_line(f"{path}: {exc}")) from None
     runs = _bench_runs(data, path)
     if runs is None:
-        if not strict or _quality_table(data) is not None:
+        if not strict or _quality_table(data) is not None or _profile_section(data) is not None:
             return []
         raise SourceError(f"{path}: not a run file (schema {schema!r}; expected {VIDEO_SCHEMA!r} or a benchmark)")
     return runs
@@ -308,21 +308,41 @@ def _quality_table(data: Any) -> dict[str, Any] | None:
     return {**data, "rows": rows}
 
 
-def load_quality_tables(paths: Iterable[str | os.PathLike]) -> list[tuple[str, dict[str, Any]]]:
-    """Fidelity tables (name, table) found in run files and directories; unreadable files are skipped here
-    (:func:`load_runs` reports them)."""
+def _found_in_files(paths: Iterable[str | os.PathLike], extract: Callable[[Any], Any]) -> list[tuple[str, Any]]:
+    """(file stem, ``extract(data)``) for every JSON file in ``paths`` (files, or directories of ``*.json``) where
+    it is not ``None``; unreadable files are skipped here (:func:`load_runs` reports them)."""
     found = []
     for p in paths:
         p = Path(p)
-        files = sorted(p.glob("*.json")) if p.is_dir() else [p] if p.is_file() else []
-        for f in files:
+        for f in sorted(p.glob("*.json")) if p.is_dir() else [p] if p.is_file() else []:
             try:
-                table = _quality_table(json.loads(f.read_text()))
+                item = extract(json.loads(f.read_text()))
             except (OSError, json.JSONDecodeError):
                 continue
-            if table is not None:
-                found.append((f.stem, table))
+            if item is not None:
+                found.append((f.stem, item))
     return found
+
+
+def load_quality_tables(paths: Iterable[str | os.PathLike]) -> list[tuple[str, dict[str, Any]]]:
+    """Fidelity tables (name, table) found in run files and directories."""
+    return _found_in_files(paths, _quality_table)
+
+
+def _profile_section(data: Any) -> dict[str, Any] | None:
+    """A benchmark's ``profile`` section (policies carrying ``seconds_by_kind``), or ``None``."""
+    section = data.get("profile") if isinstance(data, dict) else None
+    policies = section.get("policies") if isinstance(section, dict) else None
+    if isinstance(policies, dict) and policies and all(
+            isinstance(v, dict) and isinstance(v.get("seconds_by_kind"), dict) for v in policies.values()):
+        return section
+    return None
+
+
+def load_time_profiles(paths: Iterable[str | os.PathLike]) -> list[tuple[str, dict[str, Any]]]:
+    """The ``profile`` sections (``packcache-bench --sections profile``) found in benchmark files and directories,
+    as (file stem, section) pairs."""
+    return _found_in_files(paths, _profile_section)
 
 
 def quality_rows(table: dict[str, Any], frame_range: str = "all") -> list[dict[str, Any]]:
@@ -435,6 +455,7 @@ class Sources:
     keep: KeepMaps | None = None
     runs: list[RunCurves] = field(default_factory=list)
     quality: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    profiles: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     paths: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     model_dir: Path | None = None
@@ -499,6 +520,7 @@ def load_sources(stats: str | os.PathLike | None = None, budget: str | os.PathLi
         if strict and not tables:
             raise SourceError(f"{q}: not a fidelity table (expected {POLICY_TABLE_SCHEMA!r})")
     src.quality = load_quality_tables([*chosen["runs"], *(quality or [])])
+    src.profiles = load_time_profiles(chosen["runs"])
     if not src.runs and "runs" not in src.errors:
         src.errors["runs"] = "no recorded runs yet: start one with the run control above"
     if chosen["model"] is not None:

@@ -26,6 +26,7 @@ from dashboard.sources import (
     load_runs,
     load_sources,
     load_stats,
+    load_time_profiles,
     quality_rows,
     reference_for,
     run_summary,
@@ -105,6 +106,7 @@ def test_embedded_demo_inputs_render():
              F.run_table_figure(run_summary(src.runs))]
     figs += [F.decay_figure(src.fits, layer, head) for layer in range(st.num_layers) for head in (None, 0)]
     figs += [F.quality_table_figure(quality_rows(t)) for _, t in src.quality]
+    figs += [F.time_by_kind_figure(p) for _, p in src.profiles]
     figs += [F.frames_figure(r.video, (reference_for(r, src.runs) or r).video) for r in src.runs if r.video]
     for fig in figs:
         assert fig.data and _json_size(fig) < 150_000
@@ -173,11 +175,11 @@ def test_bench_file_curves(tmp_path):
 
 def test_real_bench_results(tmp_path):
     """The curves of packcache.bench's own output (a tiny timing config) load as runs."""
-    from packcache.bench import BENCH_SCHEMA, SpeedConfig, run_scaling, run_speed
+    from packcache.bench import BENCH_SCHEMA, SpeedConfig, run_profile, run_scaling, run_speed
 
     cfg = SpeedConfig(hidden=64, layers=2, intermediate=128, height=4, width=4, num_frames=5, steps=1)
     results = {"schema": BENCH_SCHEMA, "speed": run_speed(cfg, 1, progress=False),
-               "scaling": run_scaling(cfg, 4, progress=False)}
+               "scaling": run_scaling(cfg, 4, progress=False), "profile": run_profile(cfg, progress=False)}
     (tmp_path / "bench.json").write_text(json.dumps(results))
     runs = load_runs([tmp_path])
     speed = [r for r in runs if r.meta["section"] == "speed"]
@@ -186,6 +188,15 @@ def test_real_bench_results(tmp_path):
     rows = {r["policy"]: r for r in run_summary(speed)}
     assert rows["PackCache(paper)"]["memory_ratio"] > 1 and rows["PackCache(paper)"]["speedup"] > 0
     assert len(F.runtime_figure(runs, "kv_bytes").data) == len(runs)
+    assert not [r for r in runs if r.meta["section"] == "profile"]  # no per-frame curves there
+    # the profile section: stacked seconds by kind of op per policy
+    (name, section), = load_time_profiles([tmp_path])
+    assert name == "bench" and list(section["policies"]) == ["FullCache", "PackCache(paper)", "AnchorsOnly"]
+    fig = F.time_by_kind_figure(section)
+    assert [t.name for t in fig.data] == ["attention", "linear", "cache copies", "other"]
+    for i, policy in enumerate(section["policies"].values()):
+        assert sum(t.x[i] for t in fig.data) == pytest.approx(sum(policy["seconds_by_kind"].values()))
+    assert "packcache-bench" in F.time_by_kind_figure({}).layout.annotations[0].text
 
 
 def test_reference_and_agreement(sources):
@@ -581,3 +592,13 @@ def test_run_manager_adds_a_run(example):
     failed = manager.start(RunRequest("PackCache", "loaded", frames=3, steps=1))  # 2-layer budget, 4-layer model
     failed = manager.wait(failed.id, timeout=120)
     assert failed.status == "error" and "num_layers" in failed.message
+
+
+def test_embedded_profile_shows_in_the_runtime_view():
+    from dashboard.app import create_app
+
+    src = load_sources()
+    assert [name for name, _ in src.profiles] == ["bench-profile"]
+    app = create_app(src)
+    assert "fig-time-by-kind" in str(app.layout)
+    assert app.server.test_client().get("/").status_code == 200
