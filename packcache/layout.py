@@ -270,16 +270,7 @@ class SequenceLayout:
     def cond_cell_index(self) -> np.ndarray:
         """For every token, the layout index of the same grid cell in the last conditioning frame (-1 for tokens
         off the grid, or without a conditioning frame)."""
-        ref = np.full(self.num_tokens, -1, dtype=np.int64)
-        if self.cond_frames == 0:
-            return ref
-        cond = np.arange(self.num_tokens)[self.frame_slice(self.cond_frames - 1)]
-        cond = cond[self.row[cond] >= 0]
-        at_cell = np.empty(self.height * self.width, dtype=np.int64)
-        at_cell[self.row[cond] * self.width + self.col[cond]] = cond
-        grid = self.row >= 0
-        ref[grid] = at_cell[self.row[grid] * self.width + self.col[grid]]
-        return ref
+        return self._arrays["cond_cell"]
 
     def frame_time(self, frame: int | np.ndarray) -> np.ndarray:
         """Temporal (t) position of the visual tokens of ``frame``; defined for any frame index >= 0."""
@@ -388,7 +379,14 @@ class SequenceLayout:
             pos3d[tail:] = (start + np.arange(self.suffix_specials))[:, None]
         anchor = (group == TokenGroup.TEXT) | (group == TokenGroup.COND) | (frame < 0)
         anchor |= (frame >= 0) & (frame < self.cond_frames)
-        for a in (group, frame, row, col, pos3d, anchor):
+        cond_cell = np.full(n, -1, dtype=np.int64)
+        if self.cond_frames:
+            cond = np.flatnonzero((frame == self.cond_frames - 1) & (row >= 0))
+            at_cell = np.empty(h * w, dtype=np.int64)
+            at_cell[row[cond] * w + col[cond]] = cond
+            grid = row >= 0
+            cond_cell[grid] = at_cell[row[grid] * w + col[grid]]
+        for a in (group, frame, row, col, pos3d, anchor, cond_cell):
             a.setflags(write=False)
         pos1d = np.arange(n, dtype=np.int64)
         pos1d.setflags(write=False)
@@ -400,4 +398,5 @@ class SequenceLayout:
             "pos1d": pos1d,
             "pos3d": pos3d,
             "anchor": anchor,
+            "cond_cell": cond_cell,
         }

@@ -253,8 +253,9 @@ def compare_with_paper(model: torch.nn.Module, fitted, *, num_clips: int = 64, n
     m = fitted.model
     paper = Budget.paper_default(m["num_layers"], m["num_heads"], m["num_kv_heads"], dict(fitted.layout),
                                  model_id=m["id"], window=fitted.window)
-    policies = {p.name: p for p in (FullCache(), PackCache(paper), PackCache(fitted))}
-    if PackCache(paper).budget_tokens(layout) != PackCache(fitted).budget_tokens(layout):
+    paper_pack, fitted_pack = PackCache(paper), PackCache(fitted)
+    policies = {p.name: p for p in (FullCache(), paper_pack, fitted_pack)}
+    if paper_pack.budget_tokens(layout) != fitted_pack.budget_tokens(layout):
         raise ProfileError("the fitted budget does not use the paper's memory; compare at --target-frames 1")
     clips = make_clips(heldout_seeds(num_clips, start=10_000 + seed * num_clips), num_frames)
     rows = {}

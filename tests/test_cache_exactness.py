@@ -43,7 +43,7 @@ def video_ids(seed: int = 1) -> torch.Tensor:
     novelty selection has a real choice to make)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 96, (LAYOUT.num_tokens,), generator=gen)
-    ref = torch.from_numpy(LAYOUT.cond_cell_index())
+    ref = torch.from_numpy(LAYOUT.cond_cell_index().copy())
     later = (ref >= 0) & (torch.from_numpy(LAYOUT.frame.copy()) >= LAYOUT.cond_frames)
     same = later & (torch.rand(LAYOUT.num_tokens, generator=gen) > 0.35)
     ids[same] = ids[ref[same]]

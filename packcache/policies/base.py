@@ -65,7 +65,7 @@ class SlotView:
         layout = self.layout
         if self.ids is None or layout.cond_frames == 0:
             return torch.zeros(self.shape, dtype=torch.bool)
-        ref = torch.from_numpy(layout.cond_cell_index())[self.token]
+        ref = self._lookup(layout.cond_cell_index())
         own = self.ids[:, self.token]
         differs = ((own != self.ids[:, ref.clamp(min=0)]) & (own >= 0)).any(0)
         return differs & self.is_visual & (ref >= 0)
