@@ -129,9 +129,11 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    cfg = TrainConfig(steps=3, batch=2, frames=3, warmup=1, eval_every=3, eval_clips=2)
+    cfg = TrainConfig(steps=3, batch=2, frames=3, warmup=1, eval_every=3, eval_clips=2, attention="blocks")
     train(cfg, out, model_config=tiny_config(), log=io.StringIO())
     assert (out / "model.safetensors").is_file() and not (out / "stale.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
     log = (out / "train_log.json").read_text()
     assert '"steps_done": 3' in log and "beyond_changed" in log
+    # trained with the block-by-block attention backend, saved for the stock sdpa one
+    assert "packcache_ardf_blocks" not in (out / "config.json").read_text()

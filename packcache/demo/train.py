@@ -18,6 +18,10 @@ cross-entropy on masked cells, weighted up on cells that change from the previou
 
 While training it logs teacher-forced accuracy on held-out 13-frame clips, overall and on changed cells, within
 the training length (frames 1-6) and beyond it (frames 7-12). Same seed and steps -> same checkpoint.
+
+``--attention blocks`` computes the training attention block by block (:mod:`packcache.demo.block_attention`):
+the same attention up to float rounding, about a third of its FLOPs, 1.3x faster steps on 2 cores. The shipped
+checkpoint was trained with the default (one masked sdpa call), so that default reproduces it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from packcache.budget import atomic_write_text
+from packcache.demo.block_attention import BACKEND as BLOCK_ATTENTION
+from packcache.demo.block_attention import ArdfBlocks, register_block_attention
 from packcache.demo.clips import GRID, VOCAB, Clip, clip_layout, frame_token_ids, make_clips, visual_index
 from packcache.demo.model import DemoVideoConfig, DemoVideoModel, ardf_mask
 from packcache.progress import ProgressBar
@@ -79,6 +85,7 @@ class TrainConfig:
     max_minutes: float = 90.0  # safety stop only: a run cut short is not the shipped checkpoint
     threads: int = 2
     init: str = ""
+    attention: str = "sdpa"  # "blocks": the exact block-by-block backend, 1.3x faster steps (not the shipped run's)
 
 
 @dataclass
@@ -96,6 +103,7 @@ class ArdfBatch:
     targets: torch.Tensor
     changed: torch.Tensor
     masked: torch.Tensor
+    blocks: ArdfBlocks
 
 
 def _tube(rng: np.random.Generator, ratio: float) -> np.ndarray:
@@ -158,14 +166,17 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
         masked.append(np.broadcast_to(qtube, (frames - 1, qtube.size)))
     return ArdfBatch(ids=torch.from_numpy(np.stack(ids)), position_ids=position_ids, mask=mask, query_at=query_at,
                      targets=torch.from_numpy(np.stack(targets)), changed=torch.from_numpy(np.stack(changed)),
-                     masked=torch.from_numpy(np.stack(masked).copy()))
+                     masked=torch.from_numpy(np.stack(masked).copy()),
+                     blocks=ArdfBlocks.training_sequence(layout.text_tokens, tpf, frames))
 
 
-def batch_logits(model: DemoVideoModel, batch: ArdfBatch) -> torch.Tensor:
-    """Colour logits of every masked-copy cell: ``[B, Q, H*W, num_colours]``."""
+def batch_logits(model: DemoVideoModel, batch: ArdfBatch, *, blocks: ArdfBlocks | None = None) -> torch.Tensor:
+    """Colour logits of every masked-copy cell: ``[B, Q, H*W, num_colours]``. The block-by-block backend
+    (:mod:`packcache.demo.block_attention`) uses ``blocks`` (default ``batch.blocks``); others use the mask."""
     b = batch.ids.shape[0]
     out = model(input_ids=batch.ids, position_ids=batch.position_ids.expand(3, b, -1),
-                attention_mask=batch.mask.expand(b, -1, -1, -1), use_cache=False)
+                attention_mask=batch.mask.expand(b, -1, -1, -1), use_cache=False,
+                ardf_blocks=blocks or batch.blocks)
     return out.logits[:, batch.query_at]
 
 
@@ -218,6 +229,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
     rng = np.random.default_rng(cfg.seed)
     # --init continues from an earlier checkpoint (fresh optimiser and schedule)
     model = DemoVideoModel.from_pretrained(cfg.init) if cfg.init else DemoVideoModel(model_config or DemoVideoConfig())
+    if cfg.attention not in ("sdpa", "blocks"):
+        raise ValueError(f"attention must be 'sdpa' or 'blocks', got {cfg.attention!r}")
+    if cfg.attention == "blocks":
+        register_block_attention()
+        model.set_attn_implementation(BLOCK_ATTENTION)  # exact, a third of the masked dense attention's FLOPs
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
@@ -262,6 +278,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
             break
     bar.close()
     model.eval()
+    model.set_attn_implementation("sdpa")
     record = {"config": asdict(cfg), "steps_done": step + 1, "minutes": (time.perf_counter() - start) / 60,
               "final_loss": float(np.mean(losses[-50:])), "eval": history,
               "threads": torch.get_num_threads(), "torch": torch.__version__}
