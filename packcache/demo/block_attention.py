@@ -80,8 +80,7 @@ def block_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     for i, ranges in enumerate(ardf_blocks.key_blocks):
         k = torch.cat([keys[j] for j in ranges], dim=2)
         v = torch.cat([values[j] for j in ranges], dim=2)
-        out.append(F.scaled_dot_product_attention(queries[i], k, v, dropout_p=dropout if module.training else 0.0,
-                                                  scale=scaling))
+        out.append(F.scaled_dot_product_attention(queries[i], k, v, dropout_p=dropout, scale=scaling))
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -170,13 +170,13 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
                      blocks=ArdfBlocks.training_sequence(layout.text_tokens, tpf, frames))
 
 
-def batch_logits(model: DemoVideoModel, batch: ArdfBatch, *, blocks: ArdfBlocks | None = None) -> torch.Tensor:
+def batch_logits(model: DemoVideoModel, batch: ArdfBatch) -> torch.Tensor:
     """Colour logits of every masked-copy cell: ``[B, Q, H*W, num_colours]``. The block-by-block backend
-    (:mod:`packcache.demo.block_attention`) uses ``blocks`` (default ``batch.blocks``); others use the mask."""
+    (:mod:`packcache.demo.block_attention`) uses ``batch.blocks``; others use ``batch.mask``."""
     b = batch.ids.shape[0]
     out = model(input_ids=batch.ids, position_ids=batch.position_ids.expand(3, b, -1),
                 attention_mask=batch.mask.expand(b, -1, -1, -1), use_cache=False,
-                ardf_blocks=blocks or batch.blocks)
+                ardf_blocks=batch.blocks)
     return out.logits[:, batch.query_at]
 
 
