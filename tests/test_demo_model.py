@@ -20,6 +20,7 @@ from packcache.demo import (
     encode_prompt,
     make_clip,
     make_clips,
+    reverse_directions,
 )
 from packcache.demo.clips import COLOUR_NAMES, SCALES
 from packcache.demo.train import TrainConfig, ardf_batch, train
@@ -86,6 +87,13 @@ def test_prompt_round_trip_and_errors():
         encode_prompt("red sideways 1")
 
 
+def test_reverse_directions_swaps_only_the_direction_words():
+    text = encode_prompt("red right 1 blue up 2")
+    assert decode_prompt(reverse_directions(text)) == "red left 1 blue down 2"
+    np.testing.assert_array_equal(reverse_directions(reverse_directions(text)), text)
+    np.testing.assert_array_equal(reverse_directions(VOCAB.null_prompt()), VOCAB.null_prompt())
+
+
 def test_model_saves_and_loads_offline(tmp_path):
     torch.manual_seed(0)
     model = DemoVideoModel(tiny_config()).eval()
@@ -129,11 +137,12 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    cfg = TrainConfig(steps=3, batch=2, frames=3, warmup=1, eval_every=3, eval_clips=2, attention="blocks")
+    cfg = TrainConfig(steps=3, batch=2, frames=3, warmup=1, eval_every=3, eval_clips=2, attention="blocks",
+                      first_frame_batch=2)
     train(cfg, out, model_config=tiny_config(), log=io.StringIO())
     assert (out / "model.safetensors").is_file() and not (out / "stale.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
     log = (out / "train_log.json").read_text()
-    assert '"steps_done": 3' in log and "beyond_changed" in log
+    assert '"steps_done": 3' in log and "beyond_changed" in log and "direction_gain" in log
     # trained with the block-by-block attention backend, saved for the stock sdpa one
     assert "packcache_ardf_blocks" not in (out / "config.json").read_text()

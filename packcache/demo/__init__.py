@@ -11,6 +11,7 @@ from packcache.demo.clips import (
     frame_token_ids,
     make_clip,
     make_clips,
+    reverse_directions,
 )
 from packcache.demo.model import DemoVideoConfig, DemoVideoModel, ardf_mask, load_demo_model
 
@@ -25,6 +26,7 @@ __all__ = [
     "frame_token_ids",
     "make_clip",
     "make_clips",
+    "reverse_directions",
     "DemoVideoConfig",
     "DemoVideoModel",
     "ardf_mask",

@@ -28,7 +28,8 @@ import numpy as np
 from packcache.layout import SequenceLayout, SpecialTokens
 
 __all__ = ["Vocab", "VOCAB", "Clip", "make_clip", "make_clips", "clip_layout", "clip_token_ids",
-           "frame_token_ids", "encode_prompt", "decode_prompt", "GRID", "TEXT_TOKENS", "SCALES", "PALETTE"]
+           "frame_token_ids", "encode_prompt", "decode_prompt", "reverse_directions", "GRID", "TEXT_TOKENS", "SCALES",
+           "PALETTE"]
 
 GRID = 8
 OBJ = 2
@@ -102,6 +103,13 @@ def encode_prompt(prompt: str) -> np.ndarray:
 def decode_prompt(ids: Sequence[int]) -> str:
     """Text ids -> the prompt string (``none`` padding and null-text ids dropped)."""
     return " ".join(_NAMES[int(i)] for i in ids if int(i) in _NAMES and int(i) != VOCAB.none_word)
+
+
+def reverse_directions(text: np.ndarray) -> np.ndarray:
+    """The same prompt with every direction word reversed (up <-> down, left <-> right): a control that shows
+    whether a model reads the prompt's motion."""
+    words = VOCAB.direction_words
+    return np.array([words[words.index(int(w)) ^ 1] if int(w) in words else int(w) for w in text], dtype=np.int64)
 
 
 @dataclass
