@@ -15,6 +15,7 @@ masked-decoding iterations of AR-DF, whose keys are dropped afterwards anyway).
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from packcache.layout import SequenceLayout
 from packcache.policies.base import CachePolicy, SlotView
 from packcache.rope import RotaryLayout, position_dims, rotary_layout_of
 
-__all__ = ["CompactCache", "CompactionRecord", "attach", "decoder_module"]
+__all__ = ["CompactCache", "CompactionRecord", "attach", "cache_kwargs", "decoder_module", "passed_cache"]
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,7 @@ def attach(model: torch.nn.Module, cache: CompactCache, *, dims: int | None = No
     layout = cache.layout
 
     def hook(module, args, kwargs):
-        if kwargs.get("past_key_values") is not cache:
+        if passed_cache(kwargs) is not cache:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         q = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
@@ -282,6 +283,17 @@ def attach(model: torch.nn.Module, cache: CompactCache, *, dims: int | None = No
         yield cache
     finally:
         handle.remove()
+
+
+def cache_kwargs(model: torch.nn.Module, cache: object) -> dict:
+    """``{"cache": cache}`` for a forward that takes ``cache`` (transformers >= 5.24), else
+    ``{"past_key_values": cache}``."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def passed_cache(kwargs: dict) -> object | None:
+    """The cache a decoder forward received: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def decoder_module(model: torch.nn.Module) -> torch.nn.Module:

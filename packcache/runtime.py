@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from packcache.cache import CompactCache
+from packcache.cache import CompactCache, cache_kwargs
 from packcache.demo.clips import VOCAB, Vocab, clip_layout, encode_prompt, frame_token_ids
 from packcache.demo.model import ardf_mask
 from packcache.layout import SequenceLayout
@@ -55,7 +55,7 @@ def ardf_forward(model: torch.nn.Module, cache: CompactCache, tokens: slice, ids
     cached = cache.get_seq_length() if cache.layers else 0
     mask = torch.cat([torch.zeros(1, 1, chunk.shape[-2], cached), chunk], dim=-1).expand(rows, -1, -1, -1)
     out = model(input_ids=ids, position_ids=_positions(cache, tokens, dims, rows), attention_mask=mask,
-                past_key_values=cache, use_cache=True)
+                use_cache=True, **cache_kwargs(model, cache))
     return out.logits
 
 
@@ -149,8 +149,8 @@ def generate_video(
             return ardf_forward(model, cache, tokens, ids, dims)
         batch = torch.from_numpy(np.ascontiguousarray(ids)).view(rows, -1)
         cache.feed(tokens, batch)  # raster: the model's own causal mask
-        return model(input_ids=batch, position_ids=_positions(cache, tokens, dims, rows), past_key_values=cache,
-                     use_cache=True).logits
+        return model(input_ids=batch, position_ids=_positions(cache, tokens, dims, rows), use_cache=True,
+                     **cache_kwargs(model, cache)).logits
 
     with torch.no_grad():
         start = time.perf_counter()

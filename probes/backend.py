@@ -37,6 +37,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from packcache.cache import passed_cache
 from packcache.layout import SequenceLayout, TokenGroup
 from probes.stats import FIRST_DISTANCE, AttentionStats
 
@@ -185,7 +186,7 @@ class AttentionProbe:
                 module.config._attn_implementation_internal = BACKEND
 
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self._caches[self._layer_of[id(module)]] = kwargs.get("past_key_values")
+        self._caches[self._layer_of[id(module)]] = passed_cache(kwargs)
 
     # ----------------------------------------------------------------------------------------------------
     # user controls

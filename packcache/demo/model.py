@@ -14,6 +14,8 @@ from transformers import PreTrainedModel, Qwen3VLTextConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
 from transformers.utils import ModelOutput
 
+from packcache.cache import cache_kwargs
+
 __all__ = ["DemoVideoConfig", "DemoVideoModel", "DemoVideoOutput", "ardf_mask", "load_demo_model",
            "DEFAULT_MODEL_DIR"]
 
@@ -41,10 +43,15 @@ class DemoVideoConfig(Qwen3VLTextConfig):
 
 @dataclass
 class DemoVideoOutput(ModelOutput):
-    """``logits [B, L, num_colours]`` and the cache."""
+    """``logits [B, L, num_colours]`` and the cache (``cache``, as transformers >= 5.24 names it)."""
 
     logits: torch.Tensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None
+
+    @property
+    def past_key_values(self) -> object | None:
+        """The cache under its name before transformers 5.24."""
+        return self.cache
 
 
 class DemoVideoModel(PreTrainedModel):
@@ -75,8 +82,9 @@ class DemoVideoModel(PreTrainedModel):
         """``position_ids [3, B, L]`` (t, h, w) from the layout; ``attention_mask [B, 1, L, kv]`` additive float
         (:func:`ardf_mask`). Without a mask the decoder falls back to a causal one."""
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         past_key_values=past_key_values, use_cache=use_cache, **kwargs)
-        return DemoVideoOutput(logits=self.head(out.last_hidden_state), past_key_values=out.past_key_values)
+                         use_cache=use_cache, **cache_kwargs(self.model, past_key_values), **kwargs)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values  # renamed in transformers 5.24
+        return DemoVideoOutput(logits=self.head(out.last_hidden_state), cache=cache)
 
 
 def ardf_mask(q_block: torch.Tensor, q_segment: torch.Tensor, k_block: torch.Tensor, k_segment: torch.Tensor,
