@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,7 @@ from packcache import (
     StreamingLLM,
     attach,
 )
+from packcache.cache import cache_kwargs, passed_cache
 
 LAYOUT = SequenceLayout(text_tokens=5, num_frames=8, height=4, width=4, row_separator=True, frame_prefix=1,
                         frame_suffix=1, prefix_specials=1)
@@ -167,3 +170,29 @@ def test_generate_with_attach_matches_our_own_loop(policy_name):
     assert [r.next_frame for r in cache.compactions] == [1, 2, 3, 4, 5]  # at every frame boundary
     budget = cache.policy.budget_tokens(layout)
     assert max(r.slots_after for r in cache.compactions) <= budget
+
+
+def test_cache_is_passed_and_read_under_either_transformers_name():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old kwarg is deprecated, wrapped by a
+    decorator); the forward's own signature decides which name is passed."""
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None):
+            return cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None):
+            return past_key_values
+
+    class Decorated(New):
+        @functools.wraps(New.forward)
+        def forward(self, *args, **kwargs):  # what transformers' deprecate_kwarg does to a forward
+            return super().forward(*args, **kwargs)
+
+    cache = DynamicCache()
+    assert cache_kwargs(New(), cache) == {"cache": cache}
+    assert cache_kwargs(Decorated(), cache) == {"cache": cache}
+    assert cache_kwargs(Old(), cache) == {"past_key_values": cache}
+    for model in (New(), Old(), Decorated()):
+        assert model(**cache_kwargs(model, cache)) is cache
+    assert passed_cache({"cache": cache}) is cache and passed_cache({"past_key_values": cache}) is cache
+    assert passed_cache({"input_ids": None}) is None
