@@ -15,6 +15,7 @@ masked-decoding iterations of AR-DF, whose keys are dropped afterwards anyway).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import Iterator
@@ -288,7 +289,12 @@ def attach(model: torch.nn.Module, cache: CompactCache, *, dims: int | None = No
 def cache_kwargs(model: torch.nn.Module, cache: object) -> dict:
     """``{"cache": cache}`` for a forward that takes ``cache`` (transformers >= 5.24), else
     ``{"past_key_values": cache}``."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return {"cache" if _forward_takes_cache(type(model)) else "past_key_values": cache}
+
+
+@functools.cache
+def _forward_takes_cache(cls: type) -> bool:
+    return "cache" in inspect.signature(cls.forward).parameters  # once per class, not per forward
 
 
 def passed_cache(kwargs: dict) -> object | None:

@@ -79,8 +79,8 @@ def _train_seed(seed: int, step: int, i: int, batch: int) -> int:
     return seed * 10**8 + step * batch + i
 
 
-def _first_frame_seed(seed: int, step: int, i: int, batch: int) -> int:
-    return seed * 10**8 + 5 * 10**7 + step * batch + i
+#: the frame-1 clips of ``--first-frame-batch`` draw their seeds from their own range
+FIRST_FRAME_SEED_OFFSET = 5 * 10**7
 
 
 @dataclass
@@ -236,24 +236,14 @@ def evaluate(model: DemoVideoModel, clips: list[Clip], *, train_frames: int = 7,
     return out
 
 
-@torch.no_grad()
 def prompt_direction_gain(model: DemoVideoModel, clips: list[Clip], *, batch: int = 16) -> dict:
     """Frame 1 predicted from the condition frame and the prompt, teacher-forced: accuracy on the changed cells
     with the true prompt and with every direction reversed. Frame 0 does not show the motion, so a model that
     reads the prompt's directions scores clearly lower with them reversed (``direction_gain`` well above 0)."""
-    was_training = model.training
-    model.eval()
     scores = {}
     for name, text in (("true", lambda c: c.text), ("reversed", lambda c: reverse_directions(c.text))):
-        right, changed = [], []
-        for i in range(0, len(clips), batch):
-            pairs = [Clip(frames=c.frames[:2], text=text(c)) for c in clips[i : i + batch]]
-            b = ardf_batch(pairs)
-            right.append((batch_logits(model, b).argmax(-1) == b.targets).numpy())
-            changed.append(b.changed.numpy())
-        right, changed = np.concatenate(right), np.concatenate(changed)
-        scores[f"first_frame_changed_{name}"] = float(right[changed].mean())
-    model.train(was_training)
+        pairs = [Clip(frames=c.frames[:2], text=text(c)) for c in clips]
+        scores[f"first_frame_changed_{name}"] = evaluate(model, pairs, train_frames=2, batch=batch)["in_changed"]
     scores["direction_gain"] = scores["first_frame_changed_true"] - scores["first_frame_changed_reversed"]
     return scores
 
@@ -305,7 +295,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
                        text_dropout=cfg.text_dropout)
         loss = _weighted_loss(model, b, weight)
         if cfg.first_frame_batch:  # frame 1 from the condition and the prompt alone: keeps the prompt's motion read
-            pairs = make_clips([_first_frame_seed(cfg.seed, step, i, cfg.first_frame_batch)
+            pairs = make_clips([_train_seed(cfg.seed, step, i, cfg.first_frame_batch) + FIRST_FRAME_SEED_OFFSET
                                 for i in range(cfg.first_frame_batch)], 2)
             loss = loss + _weighted_loss(model, ardf_batch(pairs, rng, text_dropout=cfg.text_dropout), weight)
         opt.zero_grad(set_to_none=True)
