@@ -18,6 +18,7 @@ from packcache.demo import (
     clip_token_ids,
     decode_prompt,
     encode_prompt,
+    frame_token_ids,
     make_clip,
     make_clips,
     reverse_directions,
@@ -133,12 +134,41 @@ def test_ardf_mask_is_causal_across_frames_and_bidirectional_within():
     assert (out[layout.frame_slice(2)] - base[layout.frame_slice(2)]).abs().max() > 1e-4  # the future sees it
 
 
+def test_ardf_batch_shows_a_given_past_and_hides_the_least_confident_cells():
+    frames, cells = 4, 64
+    clips = make_clips(range(2), frames)
+    clean = ardf_batch(clips)
+    past = np.stack([c.frames.reshape(frames, -1) for c in clips])
+    past = (past + 1) % VOCAB.num_colours  # every cell differs from the clip, frame 0 included
+    confidence = np.random.default_rng(1).random((2, frames - 1, cells))
+    confidence[1] = np.inf  # clip 1 keeps the random tube
+    b = ardf_batch(clips, np.random.default_rng(0), query_ratio=0.25, past=past, confidence=confidence)
+    # targets and changed cells still come from the clips
+    assert torch.equal(b.targets, clean.targets) and torch.equal(b.changed, clean.changed)
+    # the copies see the condition frame, then the given past
+    layout = clip_layout(frames)
+    seen = [clips[0].frames[0]] + [past[0, k].reshape(clips[0].frames[0].shape) for k in (1, 2)]
+    history = b.ids[0, layout.text_tokens : layout.text_tokens + 3 * layout.tokens_per_frame].numpy()
+    np.testing.assert_array_equal(history, np.concatenate([frame_token_ids(g) for g in seen]))
+    # clip 0 hides the 16 least confident cells of each frame, clip 1 the same 16 cells in every frame
+    lowest = np.argsort(confidence[0], axis=1)[:, :16]
+    for k in range(frames - 1):
+        assert set(np.flatnonzero(b.masked[0, k].numpy())) == set(lowest[k])
+    assert b.masked[1].sum(axis=1).tolist() == [16] * 3 and (b.masked[1] == b.masked[1, 0]).all()
+    assert not (b.masked[0] == b.masked[0, 0]).all()
+    # hidden cells carry the mask token, the others their true colour
+    for j in range(2):
+        ids = b.ids[j, b.query_at].numpy()
+        assert (ids[b.masked[j].numpy()] == VOCAB.mask).all()
+        assert (ids[~b.masked[j].numpy()] != VOCAB.mask).all()
+
+
 def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     (out / "stale.txt").write_text("old")
     cfg = TrainConfig(steps=3, batch=2, frames=3, warmup=1, eval_every=3, eval_clips=2, attention="blocks",
-                      first_frame_batch=2)
+                      first_frame_batch=2, own_history_prob=0.5, confidence_mask_prob=0.5, min_mask_ratio=0.1)
     train(cfg, out, model_config=tiny_config(), log=io.StringIO())
     assert (out / "model.safetensors").is_file() and not (out / "stale.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"

@@ -101,6 +101,9 @@ class TrainConfig:
     full_mask_prob: float = 0.5
     history_mask_prob: float = 0.5
     history_mask_max: float = 0.6
+    min_mask_ratio: float = 0.3  # a partly masked frame hides U(min_mask_ratio, 1) of its cells
+    own_history_prob: float = 0.0  # clips whose past frames 1.. are the model's own predictions (scheduled sampling)
+    confidence_mask_prob: float = 0.0  # partly masked frames that hide their least confident cells (MaskGIT states)
     text_dropout: float = 0.1
     eval_every: int = 200
     eval_clips: int = 32
@@ -137,13 +140,18 @@ def _tube(rng: np.random.Generator, ratio: float) -> np.ndarray:
 
 
 def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, query_ratio: float | None = 1.0,
-               full_mask_prob: float = 1.0, history_mask_prob: float = 0.0, history_mask_max: float = 0.0,
-               text_dropout: float = 0.0) -> ArdfBatch:
+               full_mask_prob: float = 1.0, min_mask_ratio: float = 0.3, history_mask_prob: float = 0.0,
+               history_mask_max: float = 0.0, text_dropout: float = 0.0, past: np.ndarray | None = None,
+               confidence: np.ndarray | None = None) -> ArdfBatch:
     """Build the teacher-forced sequence ``text | clean frames 0..T-2 | masked copies of frames 1..T-1``.
 
     With ``query_ratio=None`` each clip is fully masked with probability ``full_mask_prob``, else masked by a
-    tube of ratio U(0.3, 1); a number masks that ratio of cells. The default (all cells masked, clean history)
-    is the evaluation setting: next-frame prediction from the full, clean past.
+    tube of ratio U(min_mask_ratio, 1); a number masks that ratio of cells. The default (all cells masked, clean
+    history) is the evaluation setting: next-frame prediction from the full, clean past.
+
+    ``past [B, T, H*W]`` replaces the frames the copies see as history (frame 0 stays the condition); targets and
+    changed cells still come from the clips. ``confidence [B, T-1, H*W]``, where finite, makes a partly masked
+    clip hide the least confident cells of each frame instead of a tube, as MaskGIT decoding leaves them.
     """
     rng = rng or np.random.default_rng(0)
     frames = clips[0].frames.shape[0]
@@ -166,26 +174,32 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
     tpf = layout.tokens_per_frame
     query_at = torch.from_numpy(n_hist + np.arange(frames - 1)[:, None] * tpf + vis[None, :])
     ids, targets, changed, masked = [], [], [], []
-    for clip in clips:
+    for j, clip in enumerate(clips):
         f = clip.frames.reshape(frames, -1)
         if query_ratio is None:
-            ratio = 1.0 if rng.random() < full_mask_prob else rng.uniform(0.3, 1.0)
+            ratio = 1.0 if rng.random() < full_mask_prob else rng.uniform(min_mask_ratio, 1.0)
         else:
             ratio = query_ratio
-        qtube = _tube(rng, ratio)
-        hist = f[: frames - 1].copy()
+        if ratio < 1.0 and confidence is not None and np.isfinite(confidence[j]).all():
+            hide = np.argsort(confidence[j], axis=1, kind="stable")[:, : max(1, int(round(ratio * f.shape[1])))]
+            qmask = np.zeros((frames - 1, f.shape[1]), dtype=bool)
+            np.put_along_axis(qmask, hide, True, axis=1)
+        else:
+            qmask = np.broadcast_to(_tube(rng, ratio), (frames - 1, f.shape[1]))
+        hist = (f if past is None else past[j].reshape(frames, -1))[: frames - 1].copy()
+        hist[0] = f[0]
         if history_mask_prob and rng.random() < history_mask_prob:
             htube = _tube(rng, rng.uniform(0.0, history_mask_max))
             hist[1:, htube] = VOCAB.mask
         q = f[1:].copy()
-        q[:, qtube] = VOCAB.mask
+        q[qmask] = VOCAB.mask
         text_ids = VOCAB.null_prompt(len(clip.text)) if rng.random() < text_dropout else clip.text
         seq = [text_ids] + [frame_token_ids(g.reshape(GRID, GRID)) for g in hist]
         seq += [frame_token_ids(g.reshape(GRID, GRID)) for g in q]
         ids.append(np.concatenate(seq))
         targets.append(f[1:])
         changed.append(f[1:] != f[:-1])
-        masked.append(np.broadcast_to(qtube, (frames - 1, qtube.size)))
+        masked.append(qmask)
     return ArdfBatch(ids=torch.from_numpy(np.stack(ids)), position_ids=position_ids, mask=mask, query_at=query_at,
                      targets=torch.from_numpy(np.stack(targets)), changed=torch.from_numpy(np.stack(changed)),
                      masked=torch.from_numpy(np.stack(masked).copy()),
@@ -248,6 +262,15 @@ def prompt_direction_gain(model: DemoVideoModel, clips: list[Clip], *, batch: in
     return scores
 
 
+@torch.no_grad()
+def _own_predictions(model: DemoVideoModel, clips: list[Clip]) -> tuple[np.ndarray, np.ndarray]:
+    """The model's greedy prediction of every frame from the clean past, with frame 0 kept: ``[B, T, H*W]``, and
+    the confidence of each predicted cell of frames 1..T-1: ``[B, T-1, H*W]``."""
+    confidence, predicted = batch_logits(model, ardf_batch(clips)).float().softmax(-1).max(-1)
+    condition = np.stack([c.frames[0].reshape(1, -1) for c in clips])
+    return np.concatenate([condition, predicted.numpy()], axis=1), confidence.numpy()
+
+
 def _weighted_loss(model: DemoVideoModel, batch: ArdfBatch, changed_weight: float) -> torch.Tensor:
     """Cross-entropy on the masked cells, ``changed_weight`` times on the cells that change."""
     ce = F.cross_entropy(batch_logits(model, batch).flatten(0, 2), batch.targets.flatten(), reduction="none")
@@ -290,9 +313,16 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg)
         clips = make_clips([_train_seed(cfg.seed, step, i, cfg.batch) for i in range(cfg.batch)], cfg.frames)
+        past = confidence = None
+        if cfg.own_history_prob or cfg.confidence_mask_prob:
+            past, confidence = _own_predictions(model, clips)
+            own = rng.random(len(clips)) < cfg.own_history_prob
+            past = np.where(own[:, None, None], past, np.stack([c.frames.reshape(cfg.frames, -1) for c in clips]))
+            confidence[rng.random(len(clips)) >= cfg.confidence_mask_prob] = np.inf
         b = ardf_batch(clips, rng, query_ratio=None, full_mask_prob=cfg.full_mask_prob,
-                       history_mask_prob=cfg.history_mask_prob, history_mask_max=cfg.history_mask_max,
-                       text_dropout=cfg.text_dropout)
+                       min_mask_ratio=cfg.min_mask_ratio, history_mask_prob=cfg.history_mask_prob,
+                       history_mask_max=cfg.history_mask_max, text_dropout=cfg.text_dropout, past=past,
+                       confidence=confidence)
         loss = _weighted_loss(model, b, weight)
         if cfg.first_frame_batch:  # frame 1 from the condition and the prompt alone: keeps the prompt's motion read
             pairs = make_clips([_train_seed(cfg.seed, step, i, cfg.first_frame_batch) + FIRST_FRAME_SEED_OFFSET
