@@ -26,6 +26,13 @@ on frame 1 alone (``--frames 2 --full-mask-prob 1.0``) it learns them after 750-
 ``--first-frame-batch N`` adds N such frame-1 clips to every step of whole-clip training, which otherwise erases
 the skill (README, "What does teach it").
 
+Free-running, a model meets two states teacher forcing never shows it: a past made of its own (imperfect) frames,
+and a partly decoded frame whose visible cells are the ones it was surest of. ``--own-history-prob p`` replaces
+the past frames of a fraction p of the clips by the model's own greedy predictions (parallel scheduled
+sampling; targets stay the true frames), and ``--confidence-mask-prob p`` makes a fraction p of the partly
+masked clips hide each frame's least confident cells instead of a random tube, as MaskGIT decoding leaves them
+(``--min-mask-ratio`` down to 0.1 reaches its last iterations). Both need one extra no-grad forward per step.
+
 ``--attention blocks`` computes the training attention block by block (:mod:`packcache.demo.block_attention`):
 the same attention up to float rounding, about a third of its FLOPs, 1.3x faster steps on 2 cores. The shipped
 checkpoint was trained with the default (one masked sdpa call), so that default reproduces it.
