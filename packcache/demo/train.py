@@ -110,7 +110,7 @@ class TrainConfig:
     history_mask_max: float = 0.6
     min_mask_ratio: float = 0.3  # a partly masked frame hides U(min_mask_ratio, 1) of its cells
     own_history_prob: float = 0.0  # clips whose past frames 1.. are the model's own predictions (scheduled sampling)
-    confidence_mask_prob: float = 0.0  # partly masked frames that hide their least confident cells (MaskGIT states)
+    confidence_mask_prob: float = 0.0  # partly masked clips that hide their least confident cells (MaskGIT states)
     text_dropout: float = 0.1
     eval_every: int = 200
     eval_clips: int = 32
