@@ -7,6 +7,8 @@ from contextlib import contextmanager
 
 import torch
 
+from packcache.cache import cache_kwargs
+
 
 def output_of(model, out) -> torch.Tensor:
     """Logits for causal LMs, last hidden state for bare decoders."""
@@ -84,7 +86,7 @@ def compacted_vs_masked(model, layout, policy, inputs, *, dims: int, chunks: lis
             visible.append([t.clone() for t in cache.slot_tokens])
             kwargs = inputs(chunk)
             cache.feed(chunk, kwargs.get("input_ids"))
-            out = model(**kwargs, past_key_values=cache, use_cache=True,
+            out = model(**kwargs, **cache_kwargs(model, cache), use_cache=True,
                         position_ids=cache.position_ids(chunk, dims=dims))
             outputs.append(output_of(model, out)[0])
     config = model.config.get_text_config(decoder=True)

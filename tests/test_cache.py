@@ -33,7 +33,7 @@ def feed_frames(model, cache, ids, layout, dims, upto=None):
     with torch.no_grad():
         for chunk in chunks:
             cache.feed(chunk)
-            model(input_ids=ids[None, chunk], past_key_values=cache, use_cache=True,
+            model(input_ids=ids[None, chunk], **cache_kwargs(model, cache), use_cache=True,
                   position_ids=cache.position_ids(chunk, dims=dims))
             cache.compact(int(layout.frame[chunk.stop - 1]) + 1)
 
@@ -57,7 +57,7 @@ def test_rebased_keys_equal_keys_computed_at_the_new_positions(factory):
     assert not np.array_equal(expected_pos, LAYOUT.pos3d[tokens.numpy()]), "rebasing moved nothing"
     fresh = DynamicCache()
     with torch.no_grad():
-        model(input_ids=ids[None, tokens], past_key_values=fresh, use_cache=True,
+        model(input_ids=ids[None, tokens], **cache_kwargs(model, fresh), use_cache=True,
               position_ids=torch.from_numpy(expected_pos.T.copy()).view(3, 1, -1))
     diff = float((fresh.layers[0].keys - cache.layers[0].keys).abs().max())
     assert diff <= 1e-5, diff
@@ -86,7 +86,7 @@ def test_constant_memory_after_packing_and_linear_growth_of_full_cache():
         for chunk in chunks:
             for name, cache in caches.items():
                 cache.feed(chunk)
-                model(input_ids=ids[None, chunk], past_key_values=cache, use_cache=True,
+                model(input_ids=ids[None, chunk], **cache_kwargs(model, cache), use_cache=True,
                       position_ids=cache.position_ids(chunk, dims=1))
                 cache.compact(int(layout.frame[chunk.stop - 1]) + 1)
                 sizes[name].append(cache.kv_bytes())
@@ -107,12 +107,12 @@ def test_frozen_forwards_do_not_grow_the_cache():
     mask = torch.zeros(1, 1, chunk.stop - chunk.start, before[0] + chunk.stop - chunk.start)
     with torch.no_grad(), cache.frozen():
         cache.feed(chunk)
-        a = model(input_ids=ids[None, chunk], past_key_values=cache, attention_mask=mask,
+        a = model(input_ids=ids[None, chunk], **cache_kwargs(model, cache), attention_mask=mask,
                   position_ids=cache.position_ids(chunk)).last_hidden_state
     assert cache.slots_per_layer() == before
     with torch.no_grad():
         cache.feed(chunk)
-        b = model(input_ids=ids[None, chunk], past_key_values=cache, attention_mask=mask,
+        b = model(input_ids=ids[None, chunk], **cache_kwargs(model, cache), attention_mask=mask,
                   position_ids=cache.position_ids(chunk)).last_hidden_state
     assert torch.allclose(a, b, atol=1e-6) and cache.slots_per_layer()[0] == before[0] + chunk.stop - chunk.start
 
@@ -121,7 +121,7 @@ def test_feed_is_required():
     model = tiny_llama()
     cache = CompactCache(FullCache(), LAYOUT, model=model)
     with pytest.raises(RuntimeError, match="feed"):
-        model(input_ids=torch.zeros(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.zeros(1, 3, dtype=torch.long), **cache_kwargs(model, cache), use_cache=True)
 
 
 def test_feed_records_token_ids_and_a_later_feed_overwrites():
@@ -162,7 +162,7 @@ def test_generate_with_attach_matches_our_own_loop(policy_name):
             if n and offset > 0 and offset % layout.tokens_per_frame == 0:
                 ours.compact(offset // layout.tokens_per_frame)
             ours.feed(chunk)
-            logits = model(input_ids=torch.tensor([seq[chunk]]), past_key_values=ours, use_cache=True,
+            logits = model(input_ids=torch.tensor([seq[chunk]]), **cache_kwargs(model, ours), use_cache=True,
                            position_ids=layout.position_ids(chunk, dims=1)).logits
             seq.append(int(logits[0, -1].argmax()))
             chunk = slice(len(seq) - 1, len(seq))

@@ -8,6 +8,7 @@ from conftest import TINY_MODELS
 from reference import compacted_vs_masked, frame_chunks, output_of, per_layer_masks, visibility_masks
 
 from packcache import Budget, CompactCache, PackCache, SequenceLayout, SlidingWindow, StreamingLLM
+from packcache.cache import cache_kwargs
 
 LAYOUT = SequenceLayout(text_tokens=5, num_frames=7, height=4, width=4, row_separator=True, frame_prefix=1,
                         frame_suffix=1, prefix_specials=1)
@@ -75,7 +76,7 @@ def test_reference_detects_a_wrong_mask():
             cache.compact(int(LAYOUT.frame[chunk.start]))
             visible.append([t.clone() for t in cache.slot_tokens])
             cache.feed(chunk)
-            last = model(input_ids=ids[None, chunk], past_key_values=cache, use_cache=True,
+            last = model(input_ids=ids[None, chunk], **cache_kwargs(model, cache), use_cache=True,
                          position_ids=cache.position_ids(chunk, dims=1)).logits[0]
     visible[-1] = [t[:, 1:] for t in visible[-1]]  # pretend the first slot was dropped too
     masks = visibility_masks(LAYOUT.num_tokens, chunks, visible, 4, 2)

@@ -11,6 +11,7 @@ from probe_reference import eager_weights, group_mass, spatial_mass, tiny_demo
 from reference import output_of
 
 from packcache import Budget, CompactCache, PackCache, SequenceLayout
+from packcache.cache import cache_kwargs
 from packcache.demo import ardf_mask
 from probes import AttentionProbe, ProbeError
 from probes.backend import _ACTIVE
@@ -97,8 +98,9 @@ def test_group_mass_on_compact_cache_equals_eager(per_kv_head):
         outputs = []
         for chunk in chunks:
             cache.feed(chunk)
-            outputs.append(output_of(model, model(input_ids=ids[None, chunk], past_key_values=cache, use_cache=True,
-                                                  position_ids=cache.position_ids(chunk, dims=dims))))
+            out = model(input_ids=ids[None, chunk], **cache_kwargs(model, cache), use_cache=True,
+                        position_ids=cache.position_ids(chunk, dims=dims))
+            outputs.append(output_of(model, out))
             collect(chunk, [t.numpy().copy() for t in cache.slot_tokens])
             cache.compact(int(CACHE_LAYOUT.frame[chunk.stop - 1]) + 1)
         return cache, outputs
@@ -134,7 +136,7 @@ def test_decoding_steps_are_counted_per_repeated_forward():
     with torch.no_grad(), AttentionProbe(model, layout, num_steps=4) as probe:
         for tokens, frozen in [(first, False), (frame, True), (frame, True), (frame, True), (frame, False)]:
             cache.feed(tokens)
-            kwargs = dict(input_ids=ids[None, tokens], past_key_values=cache, use_cache=True,
+            kwargs = dict(input_ids=ids[None, tokens], **cache_kwargs(model, cache), use_cache=True,
                           position_ids=cache.position_ids(tokens, dims=dims))
             if frozen:
                 with cache.frozen():
@@ -144,7 +146,7 @@ def test_decoding_steps_are_counted_per_repeated_forward():
         with probe.step(2):  # an explicit step overrides the automatic count
             cache.feed(frame)
             with cache.frozen():
-                model(input_ids=ids[None, frame], past_key_values=cache, use_cache=True,
+                model(input_ids=ids[None, frame], **cache_kwargs(model, cache), use_cache=True,
                       position_ids=cache.position_ids(frame, dims=dims))
     st, n = probe.stats, layout.visual_per_frame
     # forwards: first chunk (step 0), frame 1 x3 frozen (steps 0, 1, 2), appended re-encode (3), explicit step 2
