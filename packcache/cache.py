@@ -303,6 +303,6 @@ def passed_cache(kwargs: dict) -> object | None:
 
 
 def decoder_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack whose forward receives ``past_key_values`` (``model.model[.language_model]``)."""
+    """The decoder stack whose forward receives the cache (``model.model[.language_model]``)."""
     inner = getattr(model, "model", model)
     return getattr(inner, "language_model", inner)

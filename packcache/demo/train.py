@@ -138,11 +138,15 @@ class ArdfBatch:
     blocks: ArdfBlocks
 
 
-def _tube(rng: np.random.Generator, ratio: float) -> np.ndarray:
+def _hidden_count(ratio: float) -> int:
+    """How many of a frame's cells a mask of ``ratio`` hides (at least one)."""
     n = GRID * GRID
-    k = min(n, max(1, int(round(ratio * n))))
-    cells = np.zeros(n, dtype=bool)
-    cells[rng.choice(n, size=k, replace=False)] = True
+    return min(n, max(1, int(round(ratio * n))))
+
+
+def _tube(rng: np.random.Generator, ratio: float) -> np.ndarray:
+    cells = np.zeros(GRID * GRID, dtype=bool)
+    cells[rng.choice(cells.size, size=_hidden_count(ratio), replace=False)] = True
     return cells
 
 
@@ -188,7 +192,7 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
         else:
             ratio = query_ratio
         if ratio < 1.0 and confidence is not None and np.isfinite(confidence[j]).all():
-            hide = np.argsort(confidence[j], axis=1, kind="stable")[:, : max(1, int(round(ratio * f.shape[1])))]
+            hide = np.argsort(confidence[j], axis=1, kind="stable")[:, : _hidden_count(ratio)]
             qmask = np.zeros((frames - 1, f.shape[1]), dtype=bool)
             np.put_along_axis(qmask, hide, True, axis=1)
         else:
@@ -271,11 +275,10 @@ def prompt_direction_gain(model: DemoVideoModel, clips: list[Clip], *, batch: in
 
 @torch.no_grad()
 def _own_predictions(model: DemoVideoModel, clips: list[Clip]) -> tuple[np.ndarray, np.ndarray]:
-    """The model's greedy prediction of every frame from the clean past, with frame 0 kept: ``[B, T, H*W]``, and
-    the confidence of each predicted cell of frames 1..T-1: ``[B, T-1, H*W]``."""
+    """The model's greedy prediction of frames 1..T-1 from the clean past and the confidence of each predicted
+    cell: ``[B, T-1, H*W]`` each."""
     confidence, predicted = batch_logits(model, ardf_batch(clips)).float().softmax(-1).max(-1)
-    condition = np.stack([c.frames[0].reshape(1, -1) for c in clips])
-    return np.concatenate([condition, predicted.numpy()], axis=1), confidence.numpy()
+    return predicted.numpy(), confidence.numpy()
 
 
 def _weighted_loss(model: DemoVideoModel, batch: ArdfBatch, changed_weight: float) -> torch.Tensor:
@@ -322,9 +325,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
         clips = make_clips([_train_seed(cfg.seed, step, i, cfg.batch) for i in range(cfg.batch)], cfg.frames)
         past = confidence = None
         if cfg.own_history_prob or cfg.confidence_mask_prob:
-            past, confidence = _own_predictions(model, clips)
+            predicted, confidence = _own_predictions(model, clips)
+            past = np.stack([c.frames.reshape(cfg.frames, -1) for c in clips])
             own = rng.random(len(clips)) < cfg.own_history_prob
-            past = np.where(own[:, None, None], past, np.stack([c.frames.reshape(cfg.frames, -1) for c in clips]))
+            past[own, 1:] = predicted[own]
             confidence[rng.random(len(clips)) >= cfg.confidence_mask_prob] = np.inf
         b = ardf_batch(clips, rng, query_ratio=None, full_mask_prob=cfg.full_mask_prob,
                        min_mask_ratio=cfg.min_mask_ratio, history_mask_prob=cfg.history_mask_prob,
