@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import packcache.demo.train as train_module
 from packcache import SequenceLayout
 from packcache.demo import (
     VOCAB,
@@ -23,7 +24,7 @@ from packcache.demo import (
     make_clips,
     reverse_directions,
 )
-from packcache.demo.clips import COLOUR_NAMES, SCALES
+from packcache.demo.clips import COLOUR_NAMES, SCALES, visual_index
 from packcache.demo.train import TrainConfig, ardf_batch, train
 from packcache.rope import rotary_layout_of
 
@@ -163,13 +164,38 @@ def test_ardf_batch_shows_a_given_past_and_hides_the_least_confident_cells():
         assert (ids[~b.masked[j].numpy()] != VOCAB.mask).all()
 
 
-def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path):
+def test_ardf_batch_noises_history_colours_but_never_the_condition_frame():
+    frames = 4
+    clips = make_clips(range(4), frames)
+    clean = ardf_batch(clips)
+    b = ardf_batch(clips, np.random.default_rng(0), history_noise_prob=1.0, history_noise_max=0.5)
+    layout = clip_layout(frames)
+    tpf, text = layout.tokens_per_frame, layout.text_tokens
+    # the copies, their targets and the condition frame are untouched
+    assert torch.equal(b.ids[:, text + 3 * tpf :], clean.ids[:, text + 3 * tpf :])
+    assert torch.equal(b.targets, clean.targets)
+    assert torch.equal(b.ids[:, : text + tpf], clean.ids[:, : text + tpf])
+    # history frames 1..2 get random colours on some visual cells: specials stay, nothing is masked
+    history = slice(text + tpf, text + 3 * tpf)
+    differs = (b.ids[:, history] != clean.ids[:, history]).numpy()
+    visual = np.concatenate([visual_index(layout)] * 2) + np.repeat([0, tpf], 64)
+    assert not differs[:, np.setdiff1d(np.arange(2 * tpf), visual)].any()
+    assert differs.mean() > 0 and differs[:, visual].mean() < 0.5
+    assert (b.ids[:, history][torch.from_numpy(differs)] < VOCAB.num_colours).all()
+
+
+def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatch):
     out = tmp_path / "model"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    own_steps = []
+    predictions = train_module._own_predictions
+    monkeypatch.setattr(train_module, "_own_predictions", lambda *a: own_steps.append(1) or predictions(*a))
     cfg = TrainConfig(steps=3, batch=2, frames=3, warmup=1, eval_every=3, eval_clips=2, attention="blocks",
-                      first_frame_batch=2, own_history_prob=0.5, confidence_mask_prob=0.5, min_mask_ratio=0.1)
+                      first_frame_batch=2, own_history_prob=0.5, confidence_mask_prob=0.5, min_mask_ratio=0.1,
+                      free_running_from=0.5)
     train(cfg, out, model_config=tiny_config(), log=io.StringIO())
+    assert len(own_steps) == 1, "own predictions only in the steps from free_running_from on (step 2 of 0..2)"
     assert (out / "model.safetensors").is_file() and not (out / "stale.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
     log = (out / "train_log.json").read_text()

@@ -31,7 +31,8 @@ and a partly decoded frame whose visible cells are the ones it was surest of. ``
 the past frames of a fraction p of the clips by the model's own greedy predictions (parallel scheduled
 sampling; targets stay the true frames), and ``--confidence-mask-prob p`` makes a fraction p of the partly
 masked clips hide each frame's least confident cells instead of a random tube, as MaskGIT decoding leaves them
-(``--min-mask-ratio`` down to 0.1 reaches its last iterations). Both need one extra no-grad forward per step.
+(``--min-mask-ratio`` down to 0.1 reaches its last iterations). Both need one extra no-grad forward per step;
+``--free-running-from f`` turns them on only for the last 1 - f of the steps, once the model's frames are good.
 
 ``--attention blocks`` computes the training attention block by block (:mod:`packcache.demo.block_attention`):
 the same attention up to float rounding, about a third of its FLOPs, 1.3x faster steps on 2 cores. The shipped
@@ -108,9 +109,12 @@ class TrainConfig:
     full_mask_prob: float = 0.5
     history_mask_prob: float = 0.5
     history_mask_max: float = 0.6
+    history_noise_prob: float = 0.0  # clips whose history frames 1.. get random colours in U(0, max) of their cells
+    history_noise_max: float = 0.0
     min_mask_ratio: float = 0.3  # a partly masked frame hides U(min_mask_ratio, 1) of its cells
     own_history_prob: float = 0.0  # clips whose past frames 1.. are the model's own predictions (scheduled sampling)
     confidence_mask_prob: float = 0.0  # partly masked clips that hide their least confident cells (MaskGIT states)
+    free_running_from: float = 0.0  # the two options above apply from this fraction of the steps on
     text_dropout: float = 0.1
     eval_every: int = 200
     eval_clips: int = 32
@@ -152,8 +156,9 @@ def _tube(rng: np.random.Generator, ratio: float) -> np.ndarray:
 
 def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, query_ratio: float | None = 1.0,
                full_mask_prob: float = 1.0, min_mask_ratio: float = 0.3, history_mask_prob: float = 0.0,
-               history_mask_max: float = 0.0, text_dropout: float = 0.0, past: np.ndarray | None = None,
-               confidence: np.ndarray | None = None) -> ArdfBatch:
+               history_mask_max: float = 0.0, history_noise_prob: float = 0.0, history_noise_max: float = 0.0,
+               text_dropout: float = 0.0, past: np.ndarray | None = None, confidence: np.ndarray | None = None
+               ) -> ArdfBatch:
     """Build the teacher-forced sequence ``text | clean frames 0..T-2 | masked copies of frames 1..T-1``.
 
     With ``query_ratio=None`` each clip is fully masked with probability ``full_mask_prob``, else masked by a
@@ -199,6 +204,9 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
             qmask = np.broadcast_to(_tube(rng, ratio), (frames - 1, f.shape[1]))
         hist = (f if past is None else past[j].reshape(frames, -1))[: frames - 1].copy()
         hist[0] = f[0]
+        if history_noise_prob and rng.random() < history_noise_prob:
+            noisy = rng.random(hist[1:].shape) < rng.uniform(0.0, history_noise_max)
+            hist[1:][noisy] = rng.integers(VOCAB.num_colours, size=int(noisy.sum()))
         if history_mask_prob and rng.random() < history_mask_prob:
             htube = _tube(rng, rng.uniform(0.0, history_mask_max))
             hist[1:, htube] = VOCAB.mask
@@ -324,7 +332,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
             g["lr"] = _lr(step, cfg)
         clips = make_clips([_train_seed(cfg.seed, step, i, cfg.batch) for i in range(cfg.batch)], cfg.frames)
         past = confidence = None
-        if cfg.own_history_prob or cfg.confidence_mask_prob:
+        if (cfg.own_history_prob or cfg.confidence_mask_prob) and step >= cfg.free_running_from * cfg.steps:
             predicted, confidence = _own_predictions(model, clips)
             past = np.stack([c.frames.reshape(cfg.frames, -1) for c in clips])
             own = rng.random(len(clips)) < cfg.own_history_prob
@@ -332,7 +340,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
             confidence[rng.random(len(clips)) >= cfg.confidence_mask_prob] = np.inf
         b = ardf_batch(clips, rng, query_ratio=None, full_mask_prob=cfg.full_mask_prob,
                        min_mask_ratio=cfg.min_mask_ratio, history_mask_prob=cfg.history_mask_prob,
-                       history_mask_max=cfg.history_mask_max, text_dropout=cfg.text_dropout, past=past,
+                       history_mask_max=cfg.history_mask_max, history_noise_prob=cfg.history_noise_prob,
+                       history_noise_max=cfg.history_noise_max, text_dropout=cfg.text_dropout, past=past,
                        confidence=confidence)
         loss = _weighted_loss(model, b, weight)
         if cfg.first_frame_batch:  # frame 1 from the condition and the prompt alone: keeps the prompt's motion read
