@@ -168,6 +168,8 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
     ``past [B, T, H*W]`` replaces the frames the copies see as history (frame 0 stays the condition); targets and
     changed cells still come from the clips. ``confidence [B, T-1, H*W]``, where finite, makes a partly masked
     clip hide the least confident cells of each frame instead of a tube, as MaskGIT decoding leaves them.
+    ``history_noise_prob`` clips get random colours on U(0, ``history_noise_max``) of their history frames' cells
+    (frames 1.., never the condition), a past that is wrong where it does not look masked.
     """
     rng = rng or np.random.default_rng(0)
     frames = clips[0].frames.shape[0]
