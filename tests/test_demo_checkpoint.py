@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from packcache import FullCache
-from packcache.demo import DemoVideoModel, load_demo_model, make_clips
+from packcache.demo import DemoVideoModel, clip_layout, load_demo_model, make_clips
 from packcache.demo.model import DEFAULT_MODEL_DIR
 from packcache.demo.train import ardf_batch, batch_logits, heldout_seeds, prompt_direction_gain
 from packcache.metrics import copy_last_frame, ground_truth_accuracy, teacher_forced
@@ -75,19 +75,19 @@ def attention_by_group(model, clips) -> tuple[np.ndarray, np.ndarray]:
     visible = (batch.mask[:, 0] == 0).float()
     uniform = visible / visible.sum(-1, keepdim=True)  # [1, L, L]
     layout_frames = clips[0].frames.shape[0]
-    tpf = (batch.ids.shape[1] - 6) // (2 * (layout_frames - 1))
-    clean_start = 6
+    layout = clip_layout(layout_frames)
+    text, tpf = layout.text_tokens, layout.tokens_per_frame  # clean frames start right after the text
 
     def by_group(w: torch.Tensor) -> np.ndarray:
         out = np.zeros((layout_frames, 8))
         for q, k in enumerate(range(1, layout_frames)):
             rows = w[:, batch.query_at[q]]  # [B, cells, L]
-            groups = [rows[..., :6].sum(-1), rows[..., clean_start : clean_start + tpf].sum(-1)]
+            groups = [rows[..., :text].sum(-1), rows[..., text : text + tpf].sum(-1)]
             for d in range(1, 6):
                 f = k - d
-                groups.append(rows[..., clean_start + f * tpf : clean_start + (f + 1) * tpf].sum(-1) if f >= 1
+                groups.append(rows[..., text + f * tpf : text + (f + 1) * tpf].sum(-1) if f >= 1
                               else torch.full_like(groups[0], float("nan")))
-            own = 6 + (layout_frames - 1) * tpf + q * tpf
+            own = text + (layout_frames - 1) * tpf + q * tpf
             groups.append(rows[..., own : own + tpf].sum(-1))
             out[k] = torch.stack(groups, -1).mean(dim=(0, 1)).numpy()
         return out
