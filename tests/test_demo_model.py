@@ -185,6 +185,20 @@ def test_ardf_batch_noises_history_colours_but_never_the_condition_frame():
     assert (b.ids[:, history][torch.from_numpy(differs)] < VOCAB.num_colours).all()
 
 
+def test_ardf_batch_prompt_gap_puts_the_frames_where_a_longer_prompt_would():
+    frames, gap = 3, 4
+    clips = make_clips(range(2), frames)
+    plain, shifted = ardf_batch(clips), ardf_batch(clips, prompt_gap=gap)
+    text = clip_layout(frames).text_tokens
+    assert torch.equal(shifted.ids, plain.ids) and torch.equal(shifted.mask, plain.mask)
+    assert torch.equal(shifted.position_ids[..., :text], plain.position_ids[..., :text])
+    # the frames sit at the positions of a layout whose prompt is `gap` tokens longer
+    longer = clip_layout(frames, text_tokens=text + gap)
+    order = np.concatenate([np.arange(longer.frame_slice(f).start, longer.frame_slice(f).stop)
+                            for f in [*range(frames - 1), *range(1, frames)]])
+    np.testing.assert_array_equal(shifted.position_ids[:, 0, text:].numpy(), longer.pos3d[order].T)
+
+
 def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatch):
     out = tmp_path / "model"
     out.mkdir()
@@ -194,7 +208,7 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
     monkeypatch.setattr(train_module, "_own_predictions", lambda *a: own_steps.append(1) or predictions(*a))
     cfg = TrainConfig(steps=3, batch=2, frames=3, warmup=1, eval_every=3, eval_clips=2, attention="blocks",
                       first_frame_batch=2, own_history_prob=0.5, confidence_mask_prob=0.5, min_mask_ratio=0.1,
-                      free_running_from=0.5)
+                      free_running_from=0.5, prompt_gap_max=3)
     train(cfg, out, model_config=tiny_config(), log=io.StringIO())
     assert len(own_steps) == 1, "own predictions only in the steps from free_running_from on (step 2 of 0..2)"
     assert (out / "model.safetensors").is_file() and not (out / "stale.txt").exists()

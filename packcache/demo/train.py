@@ -34,6 +34,11 @@ masked clips hide each frame's least confident cells instead of a random tube, a
 (``--min-mask-ratio`` down to 0.1 reaches its last iterations). Both need one extra no-grad forward per step;
 ``--free-running-from f`` turns them on only for the last 1 - f of the steps, once the model's frames are good.
 
+Every demo prompt is 6 tokens long, so a model can find the prompt by relative position alone, and a head that
+reads it that way at frame 1 (2-7 steps back in t) lands on history frames at later frames. ``--prompt-gap-max G``
+shifts every position after the prompt by a random 0..G per step, as a prompt up to G tokens longer would: the
+frames keep their distances to each other, only their distance to the prompt varies.
+
 ``--attention blocks`` computes the training attention block by block (:mod:`packcache.demo.block_attention`):
 the same attention up to float rounding, about a third of its FLOPs, 1.3x faster steps on 2 cores. The shipped
 checkpoint was trained with the default (one masked sdpa call), so that default reproduces it.
@@ -115,6 +120,7 @@ class TrainConfig:
     own_history_prob: float = 0.0  # clips whose past frames 1.. are the model's own predictions (scheduled sampling)
     confidence_mask_prob: float = 0.0  # partly masked clips that hide their least confident cells (MaskGIT states)
     free_running_from: float = 0.0  # the two options above apply from this fraction of the steps on
+    prompt_gap_max: int = 0  # each step shifts every position after the prompt by U{0..max}, as a longer prompt would
     text_dropout: float = 0.1
     eval_every: int = 200
     eval_clips: int = 32
@@ -157,8 +163,8 @@ def _tube(rng: np.random.Generator, ratio: float) -> np.ndarray:
 def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, query_ratio: float | None = 1.0,
                full_mask_prob: float = 1.0, min_mask_ratio: float = 0.3, history_mask_prob: float = 0.0,
                history_mask_max: float = 0.0, history_noise_prob: float = 0.0, history_noise_max: float = 0.0,
-               text_dropout: float = 0.0, past: np.ndarray | None = None, confidence: np.ndarray | None = None
-               ) -> ArdfBatch:
+               text_dropout: float = 0.0, past: np.ndarray | None = None, confidence: np.ndarray | None = None,
+               prompt_gap: int = 0) -> ArdfBatch:
     """Build the teacher-forced sequence ``text | clean frames 0..T-2 | masked copies of frames 1..T-1``.
 
     With ``query_ratio=None`` each clip is fully masked with probability ``full_mask_prob``, else masked by a
@@ -169,7 +175,9 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
     changed cells still come from the clips. ``confidence [B, T-1, H*W]``, where finite, makes a partly masked
     clip hide the least confident cells of each frame instead of a tube, as MaskGIT decoding leaves them.
     ``history_noise_prob`` clips get random colours on U(0, ``history_noise_max``) of their history frames' cells
-    (frames 1.., never the condition), a past that is wrong where it does not look masked.
+    (frames 1.., never the condition), a past that is wrong where it does not look masked. ``prompt_gap`` adds
+    that many to the t, h and w positions of every token after the prompt, where a prompt that many tokens longer
+    would put them.
     """
     rng = rng or np.random.default_rng(0)
     frames = clips[0].frames.shape[0]
@@ -187,7 +195,9 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
     history = torch.zeros(len(index), dtype=torch.bool)
     history[:n_hist] = True
     mask = ardf_mask(block, segment, block, segment, history)
-    position_ids = torch.from_numpy(np.ascontiguousarray(layout.pos3d[index].T)).view(3, 1, -1)
+    pos = layout.pos3d[index]
+    pos[len(text):] += prompt_gap
+    position_ids = torch.from_numpy(np.ascontiguousarray(pos.T)).view(3, 1, -1)
     vis = visual_index(layout)
     tpf = layout.tokens_per_frame
     query_at = torch.from_numpy(n_hist + np.arange(frames - 1)[:, None] * tpf + vis[None, :])
@@ -334,6 +344,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
             g["lr"] = _lr(step, cfg)
         clips = make_clips([_train_seed(cfg.seed, step, i, cfg.batch) for i in range(cfg.batch)], cfg.frames)
         past = confidence = None
+        gaps = rng.integers(0, cfg.prompt_gap_max + 1, size=2) if cfg.prompt_gap_max else (0, 0)
         if (cfg.own_history_prob or cfg.confidence_mask_prob) and step >= cfg.free_running_from * cfg.steps:
             predicted, confidence = _own_predictions(model, clips)
             past = np.stack([c.frames.reshape(cfg.frames, -1) for c in clips])
@@ -344,12 +355,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
                        min_mask_ratio=cfg.min_mask_ratio, history_mask_prob=cfg.history_mask_prob,
                        history_mask_max=cfg.history_mask_max, history_noise_prob=cfg.history_noise_prob,
                        history_noise_max=cfg.history_noise_max, text_dropout=cfg.text_dropout, past=past,
-                       confidence=confidence)
+                       confidence=confidence, prompt_gap=int(gaps[0]))
         loss = _weighted_loss(model, b, weight)
         if cfg.first_frame_batch:  # frame 1 from the condition and the prompt alone: keeps the prompt's motion read
             pairs = make_clips([_train_seed(cfg.seed, step, i, cfg.first_frame_batch) + FIRST_FRAME_SEED_OFFSET
                                 for i in range(cfg.first_frame_batch)], 2)
-            loss = loss + _weighted_loss(model, ardf_batch(pairs, rng, text_dropout=cfg.text_dropout), weight)
+            loss = loss + _weighted_loss(model, ardf_batch(pairs, rng, text_dropout=cfg.text_dropout,
+                                                                  prompt_gap=int(gaps[1])), weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
