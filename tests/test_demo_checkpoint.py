@@ -10,6 +10,7 @@ import torch
 
 from packcache import FullCache
 from packcache.demo import DemoVideoModel, clip_layout, load_demo_model, make_clips
+from packcache.demo.clips import visual_index
 from packcache.demo.model import DEFAULT_MODEL_DIR
 from packcache.demo.train import ardf_batch, batch_logits, heldout_seeds, prompt_direction_gain
 from packcache.metrics import copy_last_frame, ground_truth_accuracy, teacher_forced
@@ -57,9 +58,10 @@ def test_first_frame_follows_the_prompt_direction(model):
 
 
 def attention_by_group(model, clips) -> tuple[np.ndarray, np.ndarray]:
-    """Eager attention of each masked copy's visual cells, summed by key group and averaged over clips, cells,
-    heads and layers: ``[query frame k, group]`` with groups text, condition, history d = 1..5, own frame. Also
-    returns the same sums for uniform attention over each query's visible keys (its share of the keys)."""
+    """Eager attention of each masked copy's visual cells, summed by key group as ``probes/`` groups keys and
+    averaged over clips, cells, heads and layers: ``[query frame k, group]`` with groups text, condition, history
+    d = 1..5, own frame (visual cells of each) and specials (frame specials and row separators). Also returns the
+    same sums for uniform attention over each query's visible keys (its share of the keys)."""
     eager = load_demo_model(attn_implementation="eager")
     batch = ardf_batch(clips)
     captured = []
@@ -77,18 +79,18 @@ def attention_by_group(model, clips) -> tuple[np.ndarray, np.ndarray]:
     layout_frames = clips[0].frames.shape[0]
     layout = clip_layout(layout_frames)
     text, tpf = layout.text_tokens, layout.tokens_per_frame  # clean frames start right after the text
+    cells = torch.from_numpy(visual_index(layout))  # visual cells' offsets inside a frame
 
     def by_group(w: torch.Tensor) -> np.ndarray:
-        out = np.zeros((layout_frames, 8))
+        out = np.zeros((layout_frames, 9))
         for q, k in enumerate(range(1, layout_frames)):
             rows = w[:, batch.query_at[q]]  # [B, cells, L]
-            groups = [rows[..., :text].sum(-1), rows[..., text : text + tpf].sum(-1)]
-            for d in range(1, 6):
-                f = k - d
-                groups.append(rows[..., text + f * tpf : text + (f + 1) * tpf].sum(-1) if f >= 1
-                              else torch.full_like(groups[0], float("nan")))
             own = text + (layout_frames - 1) * tpf + q * tpf
-            groups.append(rows[..., own : own + tpf].sum(-1))
+            visual = [rows[..., text + f * tpf + cells].sum(-1) for f in range(k)] + [rows[..., own + cells].sum(-1)]
+            groups = [rows[..., :text].sum(-1), visual[0]]
+            groups += [visual[k - d] if d < k else torch.full_like(groups[0], float("nan")) for d in range(1, 6)]
+            groups.append(visual[-1])
+            groups.append(rows.sum(-1) - groups[0] - sum(visual))  # every visible key that is not text or a cell
             out[k] = torch.stack(groups, -1).mean(dim=(0, 1)).numpy()
         return out
 
@@ -96,13 +98,14 @@ def attention_by_group(model, clips) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_attention_anchors_hold_and_history_decays_with_distance(model):
-    """Averaged over layers and heads. Anchors, whose importance the paper finds does not decay with temporal
-    distance: per key, text + condition are worth at least as much at k = 6 as at k = 2 (mass over their share of
-    the visible keys, 80 of 228 and of 524: the shipped model 0.88 and 1.31), and the condition frame, 6 frames
-    back, gets more mass than the history frame at d = 5 (0.106 vs 0.079): it does not follow history's decay.
-    Uniform attention fails the second check; anchors that decay like history fail both. History, at the last
-    query frame of the training length: d = 1 dominates (0.212) and mass falls with d = 2..5 (0.094, 0.083, 0.079,
-    0.079: flattening onto a floor, as the exponential-to-floor fit of the profile finds)."""
+    """Averaged over layers and heads, keys grouped as ``probes/`` groups them (specials apart). Anchors, whose
+    importance the paper finds does not decay with temporal distance: per key, text + condition cells are worth at
+    least as much at k = 6 as at k = 2 (mass over their share of the visible keys, 70 of 228 and of 524: the
+    shipped model 0.96 and 1.43), and the condition frame, 6 frames back, gets more mass than the history frame at
+    d = 5 (0.097 vs 0.073): it does not follow history's decay. Uniform attention fails the second check; anchors
+    that decay like history fail both. History cells, at the last query frame of the training length: d = 1
+    dominates (0.194) and mass falls with d = 2..5 (0.087, 0.077, 0.073, 0.073: flattening onto a floor, as the
+    exponential-to-floor fit of the profile finds)."""
     mass, uniform = attention_by_group(model, make_clips(heldout_seeds(8, start=7000), 7))
     per_key = (mass[:, 0] + mass[:, 1]) / (uniform[:, 0] + uniform[:, 1])
     assert per_key[6] >= per_key[2], f"anchor mass per key fades with k: {per_key[1:]}"
