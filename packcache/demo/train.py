@@ -34,10 +34,10 @@ masked clips hide each frame's least confident cells instead of a random tube, a
 (``--min-mask-ratio`` down to 0.1 reaches its last iterations). Both need one extra no-grad forward per step;
 ``--free-running-from f`` turns them on only for the last 1 - f of the steps, once the model's frames are good.
 
-Every demo prompt is 6 tokens long, so a model can find the prompt by relative position alone, and a head that
-reads it that way at frame 1 (2-7 steps back in t) lands on history frames at later frames. ``--prompt-gap-max G``
-shifts every position after the prompt by a random 0..G per step, as a prompt up to G tokens longer would: the
-frames keep their distances to each other, only their distance to the prompt varies.
+Every demo prompt is 6 tokens long, so a model can find the prompt by relative position alone.
+``--prompt-gap-max G`` shifts every position after the prompt by a random 0..G per step, as a prompt up to G
+tokens longer would: the frames keep their distances to each other, only their distance to the prompt varies.
+(Tried against the heads that attend 3-5 frames back in direction-reading models: it does not remove them; README.)
 
 ``--attention blocks`` computes the training attention block by block (:mod:`packcache.demo.block_attention`):
 the same attention up to float rounding, about a third of its FLOPs, 1.3x faster steps on 2 cores. The shipped
