@@ -18,7 +18,7 @@ from packcache.metrics import copy_last_frame, ground_truth_accuracy, teacher_fo
 pytestmark = pytest.mark.integration
 
 #: Held-out teacher-forced accuracy on changed cells (frames 1-6, full cache) must exceed this; copy-last-frame
-#: scores exactly 0 there. The shipped checkpoint scores 0.78 on these 48 clips (overall 0.927 vs copy 0.926).
+#: scores exactly 0 there. The shipped checkpoint scores 0.75 on these 48 clips (overall 0.927 vs copy 0.926).
 CHANGED_CELL_THRESHOLD = 0.65
 
 
