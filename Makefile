@@ -37,7 +37,8 @@ lint: setup
 # Regenerate what data/ ships from the checkpoints (about 30 min on 2 cores). data/bench.json does not depend on
 # them: packcache-bench --sections speed,scaling -o data/bench.json (on an idle machine, about 9 min) and
 # packcache-bench --sections profile -o data/bench-profile.json (about 2 min).
-# The checkpoints themselves come from (about 58.5 + 19 min):
+# The checkpoints themselves come from (about 58.5 + 19 min on the machine that trained them; the first two
+# commands took 28.4 min on a machine about twice as fast):
 #   python -m packcache.demo.train --out data/demo-model --seed 0
 #   python -m packcache.demo.train --out data/demo-model --init data/demo-model --steps 500 --lr 1e-3 --warmup 30 \
 #     --final-phase 0 --eval-every 1000
