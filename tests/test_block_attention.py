@@ -22,27 +22,37 @@ def _gqa_demo_model() -> DemoVideoModel:
     return DemoVideoModel(config)
 
 
-@pytest.mark.parametrize("frames", [3, 7])
-def test_training_blocks_allow_exactly_what_the_ardf_mask_allows(frames):
-    """An independent check of the block structure: expand it to a dense mask and compare with ardf_batch's."""
+@pytest.mark.parametrize("frames, window", [(3, 0), (7, 0), (7, 1), (7, 2)])
+def test_training_blocks_allow_exactly_what_the_ardf_mask_allows(frames, window):
+    """An independent check of the block structure: expand it to a dense mask and compare with ardf_batch's.
+    With a history window w, the masked copy of frame k sees the condition frame and clean frames k-w..k-1 only."""
     layout = clip_layout(frames)
-    blocks = ArdfBlocks.training_sequence(layout.text_tokens, layout.tokens_per_frame, frames)
-    batch = ardf_batch(make_clips([0], frames))
+    blocks = ArdfBlocks.training_sequence(layout.text_tokens, layout.tokens_per_frame, frames, window)
+    batch = ardf_batch(make_clips([0], frames), history_window=window)
     assert blocks.length == batch.ids.shape[1]
     dense = torch.zeros(blocks.length, blocks.length, dtype=torch.bool)
     for (qs, qe), seen in zip(blocks.queries, blocks.key_blocks):
         for j in seen:
             ks, ke = blocks.queries[j]
             dense[qs:qe, ks:ke] = True
-    assert torch.equal(dense, batch.mask[0, 0] == 0)
+    visible = batch.mask[0, 0] == 0
+    assert torch.equal(dense, visible)
+    text, tpf = layout.text_tokens, layout.tokens_per_frame
+    for k in range(1, frames):
+        copy = text + (frames - 2 + k) * tpf  # first token of the masked copy of frame k
+        seen_frames = [f for f in range(frames - 1) if visible[copy, text + f * tpf]]
+        recent = range(max(1, k - window) if window else 1, k)
+        assert seen_frames == [0, *recent], (k, seen_frames)
+        assert visible[copy, :text].all()
 
 
-def test_block_attention_matches_the_masked_dense_forward_and_gradients():
+@pytest.mark.parametrize("window", [0, 1])
+def test_block_attention_matches_the_masked_dense_forward_and_gradients(window):
     register_block_attention()
     model = _gqa_demo_model().train()
     rng = np.random.default_rng(0)
     batch = ardf_batch(make_clips(range(3), 4), rng, query_ratio=None, full_mask_prob=0.5, history_mask_prob=1.0,
-                       history_mask_max=0.6)
+                       history_mask_max=0.6, history_window=window)
     results = {}
     for impl in ("sdpa", BACKEND):
         model.set_attn_implementation(impl)

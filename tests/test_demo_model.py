@@ -206,11 +206,16 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
     own_steps = []
     predictions = train_module._own_predictions
     monkeypatch.setattr(train_module, "_own_predictions", lambda *a: own_steps.append(1) or predictions(*a))
+    windows = []
+    batch = train_module.ardf_batch
+    monkeypatch.setattr(train_module, "ardf_batch",
+                        lambda clips, *a, **kw: windows.append(kw.get("history_window", 0)) or batch(clips, *a, **kw))
     cfg = TrainConfig(steps=3, batch=2, frames=3, warmup=1, eval_every=3, eval_clips=2, attention="blocks",
                       first_frame_batch=2, own_history_prob=0.5, confidence_mask_prob=0.5, min_mask_ratio=0.1,
-                      free_running_from=0.5, prompt_gap_max=3)
+                      free_running_from=0.5, prompt_gap_max=3, history_window_prob=1.0, history_window_max=1)
     train(cfg, out, model_config=tiny_config(), log=io.StringIO())
     assert len(own_steps) == 1, "own predictions only in the steps from free_running_from on (step 2 of 0..2)"
+    assert windows.count(1) == 3, "every training step's whole-clip batch sees one history frame"
     assert (out / "model.safetensors").is_file() and not (out / "stale.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
     log = (out / "train_log.json").read_text()

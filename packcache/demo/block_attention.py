@@ -43,15 +43,22 @@ class ArdfBlocks:
             raise ValueError("key_blocks must give each query block a sorted list of existing block indices")
 
     @classmethod
-    def training_sequence(cls, text_tokens: int, tokens_per_frame: int, frames: int) -> ArdfBlocks:
+    def training_sequence(cls, text_tokens: int, tokens_per_frame: int, frames: int,
+                          history_window: int = 0) -> ArdfBlocks:
         """The blocks of ``text | clean frames 0..frames-2 | masked copies of frames 1..frames-1``: text sees
         text, clean frame ``f`` sees text and clean frames ``0..f``, the copy of frame ``k`` sees text, clean
-        frames ``0..k-1`` and itself."""
+        frames ``0..k-1`` and itself. ``history_window`` w > 0 hides the history frames more than w frames back
+        (never the text or the condition frame 0), as a sliding-window cache would."""
         n = frames - 1
         starts = [0] + [text_tokens + i * tokens_per_frame for i in range(2 * n)]
         stops = starts[1:] + [text_tokens + 2 * n * tokens_per_frame]
-        clean = [tuple(range(f + 2)) for f in range(n)]
-        copies = [tuple(range(k + 1)) + (n + k,) for k in range(1, n + 1)]
+
+        def seen(frame: int) -> tuple[int, ...]:  # text and the clean frames before ``frame`` (block f + 1)
+            first = max(1, frame - history_window) if history_window else 1
+            return (0, 1) + tuple(f + 1 for f in range(first, frame) if f >= 1)
+
+        clean = [tuple(sorted(set(seen(f)) | {f + 1})) for f in range(n)]
+        copies = [seen(k) + (n + k,) for k in range(1, n + 1)]
         return cls(tuple(zip(starts, stops)), ((0,), *clean, *copies))
 
     @property

@@ -39,6 +39,11 @@ Every demo prompt is 6 tokens long, so a model can find the prompt by relative p
 tokens longer would: the frames keep their distances to each other, only their distance to the prompt varies.
 (Tried against the heads that attend 3-5 frames back in direction-reading models: it does not remove them; README.)
 
+``--history-window-prob p`` shows every frame of a fraction p of the steps only its last U{1..``--history-window-max``}
+history frames, plus the condition frame and the text, as a sliding-window cache would: the further back a frame,
+the more often it is hidden, so a model cannot rely on it. (Tried against the same heads: they move from 3 to 4-5
+frames back; README.)
+
 ``--attention blocks`` computes the training attention block by block (:mod:`packcache.demo.block_attention`):
 the same attention up to float rounding, about a third of its FLOPs, 1.3x faster steps on 2 cores. The shipped
 checkpoint was trained with the default (one masked sdpa call), so that default reproduces it.
@@ -121,6 +126,8 @@ class TrainConfig:
     confidence_mask_prob: float = 0.0  # partly masked clips that hide their least confident cells (MaskGIT states)
     free_running_from: float = 0.0  # the two options above apply from this fraction of the steps on
     prompt_gap_max: int = 0  # each step shifts every position after the prompt by U{0..max}, as a longer prompt would
+    history_window_prob: float = 0.0  # steps whose frames see only the last U{1..max} history frames (+ condition)
+    history_window_max: int = 2
     text_dropout: float = 0.1
     eval_every: int = 200
     eval_clips: int = 32
@@ -164,7 +171,7 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
                full_mask_prob: float = 1.0, min_mask_ratio: float = 0.3, history_mask_prob: float = 0.0,
                history_mask_max: float = 0.0, history_noise_prob: float = 0.0, history_noise_max: float = 0.0,
                text_dropout: float = 0.0, past: np.ndarray | None = None, confidence: np.ndarray | None = None,
-               prompt_gap: int = 0) -> ArdfBatch:
+               prompt_gap: int = 0, history_window: int = 0) -> ArdfBatch:
     """Build the teacher-forced sequence ``text | clean frames 0..T-2 | masked copies of frames 1..T-1``.
 
     With ``query_ratio=None`` each clip is fully masked with probability ``full_mask_prob``, else masked by a
@@ -177,7 +184,8 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
     ``history_noise_prob`` clips get random colours on U(0, ``history_noise_max``) of their history frames' cells
     (frames 1.., never the condition), a past that is wrong where it does not look masked. ``prompt_gap`` adds
     that many to the t, h and w positions of every token after the prompt, where a prompt that many tokens longer
-    would put them.
+    would put them. ``history_window`` w > 0 hides from every frame the history frames more than w frames back
+    (the condition frame and the text stay visible), as a sliding-window cache does.
     """
     rng = rng or np.random.default_rng(0)
     frames = clips[0].frames.shape[0]
@@ -195,6 +203,9 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
     history = torch.zeros(len(index), dtype=torch.bool)
     history[:n_hist] = True
     mask = ardf_mask(block, segment, block, segment, history)
+    if history_window:
+        far = (block[None, :] >= 1) & (block[None, :] < block[:, None] - history_window)
+        mask[0, 0][far] = torch.finfo(mask.dtype).min
     pos = layout.pos3d[index]
     pos[len(text):] += prompt_gap
     position_ids = torch.from_numpy(np.ascontiguousarray(pos.T)).view(3, 1, -1)
@@ -234,7 +245,7 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
     return ArdfBatch(ids=torch.from_numpy(np.stack(ids)), position_ids=position_ids, mask=mask, query_at=query_at,
                      targets=torch.from_numpy(np.stack(targets)), changed=torch.from_numpy(np.stack(changed)),
                      masked=torch.from_numpy(np.stack(masked).copy()),
-                     blocks=ArdfBlocks.training_sequence(layout.text_tokens, tpf, frames))
+                     blocks=ArdfBlocks.training_sequence(layout.text_tokens, tpf, frames, history_window))
 
 
 def batch_logits(model: DemoVideoModel, batch: ArdfBatch) -> torch.Tensor:
@@ -345,6 +356,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
         clips = make_clips([_train_seed(cfg.seed, step, i, cfg.batch) for i in range(cfg.batch)], cfg.frames)
         past = confidence = None
         gaps = rng.integers(0, cfg.prompt_gap_max + 1, size=2) if cfg.prompt_gap_max else (0, 0)
+        window = 0
+        if cfg.history_window_prob and rng.random() < cfg.history_window_prob:
+            window = int(rng.integers(1, cfg.history_window_max + 1))
         if (cfg.own_history_prob or cfg.confidence_mask_prob) and step >= cfg.free_running_from * cfg.steps:
             predicted, confidence = _own_predictions(model, clips)
             past = np.stack([c.frames.reshape(cfg.frames, -1) for c in clips])
@@ -355,7 +369,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
                        min_mask_ratio=cfg.min_mask_ratio, history_mask_prob=cfg.history_mask_prob,
                        history_mask_max=cfg.history_mask_max, history_noise_prob=cfg.history_noise_prob,
                        history_noise_max=cfg.history_noise_max, text_dropout=cfg.text_dropout, past=past,
-                       confidence=confidence, prompt_gap=int(gaps[0]))
+                       confidence=confidence, prompt_gap=int(gaps[0]), history_window=window)
         loss = _weighted_loss(model, b, weight)
         if cfg.first_frame_batch:  # frame 1 from the condition and the prompt alone: keeps the prompt's motion read
             pairs = make_clips([_train_seed(cfg.seed, step, i, cfg.first_frame_batch) + FIRST_FRAME_SEED_OFFSET
