@@ -222,3 +222,16 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
     assert '"steps_done": 3' in log and "beyond_changed" in log and "direction_gain" in log
     # trained with the block-by-block attention backend, saved for the stock sdpa one
     assert "packcache_ardf_blocks" not in (out / "config.json").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attention", "dense"], "attention must be 'sdpa' or 'blocks'"),
+    (["--history-window-prob", "0.5", "--history-window-max", "0"], "history_window_max must be >= 1"),
+])
+def test_training_command_rejects_bad_options_in_one_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main(["--out", str(tmp_path / "model"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("packcache.demo.train: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "model").exists()

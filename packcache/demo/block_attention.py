@@ -55,9 +55,9 @@ class ArdfBlocks:
 
         def seen(frame: int) -> tuple[int, ...]:  # text and the clean frames before ``frame`` (block f + 1)
             first = max(1, frame - history_window) if history_window else 1
-            return (0, 1) + tuple(f + 1 for f in range(first, frame) if f >= 1)
+            return (0, 1) + tuple(f + 1 for f in range(first, frame))
 
-        clean = [tuple(sorted(set(seen(f)) | {f + 1})) for f in range(n)]
+        clean = [seen(f) + ((f + 1,) if f else ()) for f in range(n)]
         copies = [seen(k) + (n + k,) for k in range(1, n + 1)]
         return cls(tuple(zip(starts, stops)), ((0,), *clean, *copies))
 
