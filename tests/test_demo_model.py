@@ -199,21 +199,6 @@ def test_ardf_batch_prompt_gap_puts_the_frames_where_a_longer_prompt_would():
     np.testing.assert_array_equal(shifted.position_ids[:, 0, text:].numpy(), longer.pos3d[order].T)
 
 
-def test_ardf_batch_condition_gap_puts_the_frames_where_a_longer_clip_would():
-    frames, gap = 3, 2
-    clips = make_clips(range(2), frames)
-    plain, shifted = ardf_batch(clips), ardf_batch(clips, condition_gap=gap)
-    assert torch.equal(shifted.ids, plain.ids) and torch.equal(shifted.mask, plain.mask)
-    # the text and the condition frame stay; frame f >= 1 sits where frame f + gap of a longer clip sits
-    longer = clip_layout(frames + gap)
-    order = np.concatenate([np.arange(longer.frame_slice(f + gap * (f >= 1)).start,
-                                      longer.frame_slice(f + gap * (f >= 1)).stop)
-                            for f in [*range(frames - 1), *range(1, frames)]])
-    text = longer.text_tokens
-    assert torch.equal(shifted.position_ids[..., :text], plain.position_ids[..., :text])
-    np.testing.assert_array_equal(shifted.position_ids[:, 0, text:].numpy(), longer.pos3d[order].T)
-
-
 def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatch):
     out = tmp_path / "model"
     out.mkdir()
@@ -221,23 +206,16 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
     own_steps = []
     predictions = train_module._own_predictions
     monkeypatch.setattr(train_module, "_own_predictions", lambda *a: own_steps.append(1) or predictions(*a))
-    windows, condition_gaps = [], []
+    windows = []
     batch = train_module.ardf_batch
-
-    def recording_batch(clips, *a, **kw):
-        windows.append(kw.get("history_window", 0))
-        condition_gaps.append(kw.get("condition_gap", 0))
-        return batch(clips, *a, **kw)
-
-    monkeypatch.setattr(train_module, "ardf_batch", recording_batch)
+    monkeypatch.setattr(train_module, "ardf_batch",
+                        lambda clips, *a, **kw: windows.append(kw.get("history_window", 0)) or batch(clips, *a, **kw))
     cfg = TrainConfig(steps=3, batch=2, frames=3, warmup=1, eval_every=3, eval_clips=2, attention="blocks",
                       first_frame_batch=2, own_history_prob=0.5, confidence_mask_prob=0.5, min_mask_ratio=0.1,
-                      free_running_from=0.5, prompt_gap_max=3, history_window_prob=1.0, history_window_max=1,
-                      condition_gap_max=3)
+                      free_running_from=0.5, prompt_gap_max=3, history_window_prob=1.0, history_window_max=1)
     train(cfg, out, model_config=tiny_config(), log=io.StringIO())
     assert len(own_steps) == 1, "own predictions only in the steps from free_running_from on (step 2 of 0..2)"
     assert windows.count(1) == 3, "every training step's whole-clip batch sees one history frame"
-    assert set(condition_gaps) <= {0, 1, 2, 3} and any(condition_gaps), condition_gaps
     assert (out / "model.safetensors").is_file() and not (out / "stale.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
     log = (out / "train_log.json").read_text()

@@ -44,10 +44,6 @@ history frames, plus the condition frame and the text, as a sliding-window cache
 the more often it is hidden, so a model cannot rely on it. (Tried against the same heads: they move from 3 to 4-5
 frames back; README.)
 
-``--condition-gap-max G`` places the frames after the condition a random 0..G frames later in time per step
-(their temporal positions move; their content does not), so the condition's temporal distance from frame k is
-k + gap rather than k: a head can no longer find the condition by relative temporal position alone.
-
 ``--attention blocks`` computes the training attention block by block (:mod:`packcache.demo.block_attention`):
 the same attention up to float rounding, about a third of its FLOPs, 1.3x faster steps on 2 cores. The shipped
 checkpoint was trained with the default (one masked sdpa call), so that default reproduces it.
@@ -132,7 +128,6 @@ class TrainConfig:
     prompt_gap_max: int = 0  # each step shifts every position after the prompt by U{0..max}, as a longer prompt would
     history_window_prob: float = 0.0  # steps whose frames see only the last U{1..max} history frames (+ condition)
     history_window_max: int = 2
-    condition_gap_max: int = 0  # each step places the frames after the condition U{0..max} frames later in time
     text_dropout: float = 0.1
     eval_every: int = 200
     eval_clips: int = 32
@@ -182,7 +177,7 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
                full_mask_prob: float = 1.0, min_mask_ratio: float = 0.3, history_mask_prob: float = 0.0,
                history_mask_max: float = 0.0, history_noise_prob: float = 0.0, history_noise_max: float = 0.0,
                text_dropout: float = 0.0, past: np.ndarray | None = None, confidence: np.ndarray | None = None,
-               prompt_gap: int = 0, history_window: int = 0, condition_gap: int = 0) -> ArdfBatch:
+               prompt_gap: int = 0, history_window: int = 0) -> ArdfBatch:
     """Build the teacher-forced sequence ``text | clean frames 0..T-2 | masked copies of frames 1..T-1``.
 
     With ``query_ratio=None`` each clip is fully masked with probability ``full_mask_prob``, else masked by a
@@ -196,9 +191,7 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
     (frames 1.., never the condition), a past that is wrong where it does not look masked. ``prompt_gap`` adds
     that many to the t, h and w positions of every token after the prompt, where a prompt that many tokens longer
     would put them. ``history_window`` w > 0 hides from every frame the history frames more than w frames back
-    (the condition frame and the text stay visible), as a sliding-window cache does. ``condition_gap`` g places
-    every frame after the condition g frames later in time (their temporal positions move by g frame strides),
-    so that the condition's temporal distance from a frame is not fixed by the frame's index.
+    (the condition frame and the text stay visible), as a sliding-window cache does.
     """
     rng = rng or np.random.default_rng(0)
     frames = clips[0].frames.shape[0]
@@ -221,7 +214,6 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
         mask[0, 0][far] = torch.finfo(mask.dtype).min
     pos = layout.pos3d[index]
     pos[len(text):] += prompt_gap
-    pos[layout.frame[index] >= 1, 0] += condition_gap * layout.scales[0]
     position_ids = torch.from_numpy(np.ascontiguousarray(pos.T)).view(3, 1, -1)
     vis = visual_index(layout)
     tpf = layout.tokens_per_frame
@@ -371,7 +363,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
         window = 0
         if cfg.history_window_prob and rng.random() < cfg.history_window_prob:
             window = int(rng.integers(1, cfg.history_window_max + 1))
-        cgaps = rng.integers(0, cfg.condition_gap_max + 1, size=2) if cfg.condition_gap_max else (0, 0)
         if (cfg.own_history_prob or cfg.confidence_mask_prob) and step >= cfg.free_running_from * cfg.steps:
             predicted, confidence = _own_predictions(model, clips)
             past = np.stack([c.frames.reshape(cfg.frames, -1) for c in clips])
@@ -382,15 +373,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
                        min_mask_ratio=cfg.min_mask_ratio, history_mask_prob=cfg.history_mask_prob,
                        history_mask_max=cfg.history_mask_max, history_noise_prob=cfg.history_noise_prob,
                        history_noise_max=cfg.history_noise_max, text_dropout=cfg.text_dropout, past=past,
-                       confidence=confidence, prompt_gap=int(gaps[0]), history_window=window,
-                       condition_gap=int(cgaps[0]))
+                       confidence=confidence, prompt_gap=int(gaps[0]), history_window=window)
         loss = _weighted_loss(model, b, weight)
         if cfg.first_frame_batch:  # frame 1 from the condition and the prompt alone: keeps the prompt's motion read
             pairs = make_clips([_train_seed(cfg.seed, step, i, cfg.first_frame_batch) + FIRST_FRAME_SEED_OFFSET
                                 for i in range(cfg.first_frame_batch)], 2)
             loss = loss + _weighted_loss(model, ardf_batch(pairs, rng, text_dropout=cfg.text_dropout,
-                                                                  prompt_gap=int(gaps[1]),
-                                                                  condition_gap=int(cgaps[1])), weight)
+                                                                  prompt_gap=int(gaps[1])), weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
