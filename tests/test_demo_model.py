@@ -24,7 +24,7 @@ from packcache.demo import (
     make_clips,
     reverse_directions,
 )
-from packcache.demo.clips import COLOUR_NAMES, SCALES, visual_index
+from packcache.demo.clips import COLOUR_NAMES, DIRECTIONS, SCALES, visual_index
 from packcache.demo.train import TrainConfig, ardf_batch, train
 from packcache.rope import rotary_layout_of
 
@@ -59,6 +59,39 @@ def test_clip_content_matches_its_prompt():
             for f in clip.frames:
                 for col in colours[-1:]:  # the top-drawn object is never covered
                     assert (f == col).sum() >= 4
+
+
+def test_objects_follow_the_prompt_at_frame_1_then_turn_at_the_given_rate():
+    """Single-object clips without an occluder, speed 1: the object's top-left corner moves as the prompt says
+    (reflected at the walls) from frame 0 to 1; each later step continues the motion (reflected at the walls)
+    except for turns, which happen at ``turn_prob`` per step. Without the option the clip is unchanged."""
+    hi, turn_prob = 8 - 2, 0.1
+
+    def step(corner, velocity):  # constant motion, reflected at the walls
+        nxt, vel = corner + velocity, velocity.copy()
+        for i in range(2):
+            if not 0 <= nxt[i] <= hi:
+                nxt[i], vel[i] = (-nxt[i], -vel[i]) if nxt[i] < 0 else (2 * hi - nxt[i], -vel[i])
+        return nxt, vel
+
+    steps, turned = 0, 0
+    for seed in range(500):
+        clip, plain = make_clip(seed, 9, turn_prob=turn_prob), make_clip(seed, 9)
+        np.testing.assert_array_equal(clip.frames[:2], plain.frames[:2])
+        np.testing.assert_array_equal(clip.text, plain.text)
+        assert plain.info["turns"] == 0 and (clip.info["turns"] > 0 or np.array_equal(clip.frames, plain.frames))
+        words = clip.prompt.split()
+        if clip.info["objects"] != 1 or clip.info["occluder"] or words[2] != "1":
+            continue
+        corner = [np.argwhere(f == clip.object_colours[0]).min(axis=0) for f in clip.frames]
+        expected, velocity = step(corner[0], np.array(DIRECTIONS[words[1]]))
+        np.testing.assert_array_equal(corner[1], expected)
+        for t in range(2, len(corner)):
+            expected, continued = step(corner[t - 1], velocity)
+            steps += 1
+            turned += not np.array_equal(corner[t], expected)
+            velocity = continued if np.array_equal(corner[t], expected) else corner[t] - corner[t - 1]
+    assert steps > 1000 and abs(turned / steps - turn_prob) < 0.03, (turned, steps)
 
 
 def test_motion_needs_more_than_the_last_frame():
@@ -210,10 +243,18 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
     batch = train_module.ardf_batch
     monkeypatch.setattr(train_module, "ardf_batch",
                         lambda clips, *a, **kw: windows.append(kw.get("history_window", 0)) or batch(clips, *a, **kw))
+    turn_probs = []
+    clips_of = train_module.make_clips
+    monkeypatch.setattr(train_module, "make_clips",
+                        lambda seeds, frames, **kw: turn_probs.append((frames, kw.get("turn_prob", 0.0)))
+                        or clips_of(seeds, frames, **kw))
     cfg = TrainConfig(steps=3, batch=2, frames=3, warmup=1, eval_every=3, eval_clips=2, attention="blocks",
                       first_frame_batch=2, own_history_prob=0.5, confidence_mask_prob=0.5, min_mask_ratio=0.1,
-                      free_running_from=0.5, prompt_gap_max=3, history_window_prob=1.0, history_window_max=1)
+                      free_running_from=0.5, prompt_gap_max=3, history_window_prob=1.0, history_window_max=1,
+                      turn_prob=0.2)
     train(cfg, out, model_config=tiny_config(), log=io.StringIO())
+    # whole clips (training and the 13-frame log) turn; the frame-1 clips need not, their frames 0-1 never turn
+    assert {p for frames, p in turn_probs if frames != 2} == {0.2} and turn_probs[0] == (13, 0.2), turn_probs
     assert len(own_steps) == 1, "own predictions only in the steps from free_running_from on (step 2 of 0..2)"
     assert windows.count(1) == 3, "every training step's whole-clip batch sees one history frame"
     assert (out / "model.safetensors").is_file() and not (out / "stale.txt").exists()
@@ -227,6 +268,7 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
 @pytest.mark.parametrize("args, message", [
     (["--attention", "dense"], "attention must be 'sdpa' or 'blocks'"),
     (["--history-window-prob", "0.5", "--history-window-max", "0"], "history_window_max must be >= 1"),
+    (["--turn-prob", "1.5"], "turn_prob must lie in [0, 1]"),
 ])
 def test_training_command_rejects_bad_options_in_one_line(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:

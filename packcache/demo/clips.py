@@ -10,6 +10,9 @@ conditioning image. The dynamics are built so that every kind of context matters
   the objects), which frame 0 does not show;
 * **recent frames** -- one 2x2 object (two in 40% of the clips) bounces off the walls; after a bounce only the
   last frames tell the direction;
+* **decorrelating motion** (``turn_prob``, off by default) -- after frame 1 an object may turn at random, so the
+  older a frame, the less its motion says about the next one, as in real video; without turns the motion is
+  deterministic and every past frame tells the trajectory equally well;
 * **older frames** -- in 35% of the clips a static occluder bar (drawn on top) hides objects passing behind it
   for up to three frames; where they reappear depends on frames 3-5 steps back.
 
@@ -155,8 +158,10 @@ def _bounce(p: int, v: int, hi: int) -> tuple[int, int]:
     return p, v
 
 
-def make_clip(seed: int, num_frames: int = 7) -> Clip:
-    """One clip of ``num_frames`` frames, fully determined by ``seed``."""
+def make_clip(seed: int, num_frames: int = 7, *, turn_prob: float = 0.0) -> Clip:
+    """One clip of ``num_frames`` frames, fully determined by ``seed`` (and ``turn_prob``: after frame 1, each
+    object turns to one of the other three directions with this probability per frame; 0 draws nothing, so the
+    clip is the same as without the option, and frames 0-1 and the prompt never depend on it)."""
     rng = np.random.default_rng(seed)
     colours = rng.permutation(VOCAB.num_colours)
     bg = _background(rng, int(colours[0]), int(colours[1]))
@@ -180,6 +185,7 @@ def make_clip(seed: int, num_frames: int = 7) -> Clip:
         text[3 * i : 3 * i + 3] = (VOCAB.colour_words[o["colour"]], VOCAB.direction_words[o["dir"]],
                                    VOCAB.speed_words[SPEEDS.index(o["speed"])])
     frames = np.empty((num_frames, GRID, GRID), dtype=np.int64)
+    turns = 0
     for t in range(num_frames):
         f = bg.copy()
         for o in objects:
@@ -193,15 +199,21 @@ def make_clip(seed: int, num_frames: int = 7) -> Clip:
                 f[s, :] = occluder["colour"]
         frames[t] = f
         for o in objects:
+            if turn_prob and t >= 1 and rng.random() < turn_prob:  # frame 1 moves as the prompt says
+                heading = (int(np.sign(o["vel"][0])), int(np.sign(o["vel"][1])))
+                others = [v for v in DIRECTIONS.values() if v != heading]
+                dy, dx = others[int(rng.integers(len(others)))]
+                o["vel"] = [dy * o["speed"], dx * o["speed"]]
+                turns += 1
             o["pos"][0], o["vel"][0] = _bounce(o["pos"][0], o["vel"][0], hi)
             o["pos"][1], o["vel"][1] = _bounce(o["pos"][1], o["vel"][1], hi)
-    info = {"seed": seed, "objects": n_obj, "occluder": occluder is not None}
+    info = {"seed": seed, "objects": n_obj, "occluder": occluder is not None, "turns": turns}
     return Clip(frames=frames, text=text, info=info)
 
 
-def make_clips(seeds: Sequence[int], num_frames: int = 7) -> list[Clip]:
+def make_clips(seeds: Sequence[int], num_frames: int = 7, *, turn_prob: float = 0.0) -> list[Clip]:
     """One clip per seed."""
-    return [make_clip(int(s), num_frames) for s in seeds]
+    return [make_clip(int(s), num_frames, turn_prob=turn_prob) for s in seeds]
 
 
 def clip_layout(num_frames: int, *, text_tokens: int = TEXT_TOKENS) -> SequenceLayout:

@@ -44,6 +44,11 @@ history frames, plus the condition frame and the text, as a sliding-window cache
 the more often it is hidden, so a model cannot rely on it. (Tried against the same heads: they move from 3 to 4-5
 frames back; README.)
 
+``--turn-prob p`` trains (and logs) on clips whose objects turn at random with probability p per frame after
+frame 1 (:func:`~packcache.demo.clips.make_clip`): the older a frame, the less its motion tells about the next,
+as in real video. (Tried against the heads that attend 3-5 frames back: they shrink and become idle, but stay;
+README.)
+
 ``--attention blocks`` computes the training attention block by block (:mod:`packcache.demo.block_attention`):
 the same attention up to float rounding, about a third of its FLOPs, 1.3x faster steps on 2 cores. The shipped
 checkpoint was trained with the default (one masked sdpa call), so that default reproduces it.
@@ -128,6 +133,7 @@ class TrainConfig:
     prompt_gap_max: int = 0  # each step shifts every position after the prompt by U{0..max}, as a longer prompt would
     history_window_prob: float = 0.0  # steps whose frames see only the last U{1..max} history frames (+ condition)
     history_window_max: int = 2
+    turn_prob: float = 0.0  # training and evaluation clips: objects turn at random after frame 1 (make_clip)
     text_dropout: float = 0.1
     eval_every: int = 200
     eval_clips: int = 32
@@ -139,6 +145,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.attention not in ("sdpa", "blocks"):
             raise ValueError(f"attention must be 'sdpa' or 'blocks', got {self.attention!r}")
+        if not 0.0 <= self.turn_prob <= 1.0:
+            raise ValueError(f"turn_prob must lie in [0, 1], got {self.turn_prob}")
         if self.history_window_prob and self.history_window_max < 1:
             raise ValueError(f"history_window_max must be >= 1 frame, got {self.history_window_max}")
 
@@ -348,7 +356,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    eval_clips = make_clips(heldout_seeds(cfg.eval_clips), 13)
+    eval_clips = make_clips(heldout_seeds(cfg.eval_clips), 13, turn_prob=cfg.turn_prob)
     history, losses = [], []
     start = time.perf_counter()
     bar = ProgressBar(cfg.steps, "train")
@@ -357,7 +365,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
         weight = cfg.changed_weight if step < (1 - cfg.final_phase) * cfg.steps else cfg.final_changed_weight
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg)
-        clips = make_clips([_train_seed(cfg.seed, step, i, cfg.batch) for i in range(cfg.batch)], cfg.frames)
+        clips = make_clips([_train_seed(cfg.seed, step, i, cfg.batch) for i in range(cfg.batch)], cfg.frames,
+                           turn_prob=cfg.turn_prob)
         past = confidence = None
         gaps = rng.integers(0, cfg.prompt_gap_max + 1, size=2) if cfg.prompt_gap_max else (0, 0)
         window = 0
