@@ -24,7 +24,7 @@ from packcache.demo import (
     make_clips,
     reverse_directions,
 )
-from packcache.demo.clips import COLOUR_NAMES, DIRECTIONS, SCALES, visual_index
+from packcache.demo.clips import COLOUR_NAMES, DIRECTIONS, GRID, OBJ, SCALES, visual_index
 from packcache.demo.train import TrainConfig, ardf_batch, train
 from packcache.rope import rotary_layout_of
 
@@ -65,7 +65,7 @@ def test_objects_follow_the_prompt_at_frame_1_then_turn_at_the_given_rate():
     """Single-object clips without an occluder, speed 1: the object's top-left corner moves as the prompt says
     (reflected at the walls) from frame 0 to 1; each later step continues the motion (reflected at the walls)
     except for turns, which happen at ``turn_prob`` per step. Without the option the clip is unchanged."""
-    hi, turn_prob = 8 - 2, 0.1
+    hi, turn_prob = GRID - OBJ, 0.1
 
     def step(corner, velocity):  # constant motion, reflected at the walls
         nxt, vel = corner + velocity, velocity.copy()
