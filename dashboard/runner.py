@@ -188,13 +188,13 @@ class RunManager:
         try:
             import torch
 
-            from packcache.demo.clips import clip_layout
+            from packcache.demo.clips import ClipFormat, clip_layout
             from packcache.runtime import generate_video
 
             self._set(job, status="running", message="loading the model")
             model = self._load_model()
             text, cond, settings = self._inputs(int(req.frames))
-            layout = clip_layout(int(req.frames), text_tokens=len(text))
+            layout = clip_layout(int(req.frames), text_tokens=len(text), clip_format=ClipFormat.of(model.config))
             policy = self._policy(req, model, layout)
             note = self._model_note
             if req.budget == "loaded" and self.sources.budget is None and req.policy in ("PackCache", "StreamingLLM"):

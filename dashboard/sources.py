@@ -83,7 +83,7 @@ def load_budget(path: str | os.PathLike) -> Budget:
 def layout_from_summary(summary: dict[str, Any], num_frames: int) -> SequenceLayout:
     """Rebuild a :class:`SequenceLayout` with ``num_frames`` frames from ``SequenceLayout.summary()`` fields."""
     keys = ("text_tokens", "cond_frames", "height", "width", "row_separator", "frame_prefix", "frame_suffix",
-            "prefix_specials", "convention")
+            "prefix_specials", "convention", "cond_time_gap")
     missing = [k for k in ("height", "width") if k not in summary]
     if missing:
         raise SourceError(f"layout summary lacks {missing[0]}")

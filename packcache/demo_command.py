@@ -23,12 +23,12 @@ __all__ = ["main", "compare_policies"]
 def compare_policies(model, budget: Budget, *, seed: int, frames: int, steps: int, progress: bool = True) -> dict:
     """Generate one held-out clip under FullCache, PackCache (paper and fitted), SlidingWindow(1) and
     StreamingLLM at PackCache's token budget; returns ``{name: VideoResult}`` plus the clip."""
-    from packcache.demo.clips import clip_layout, make_clip
+    from packcache.demo.clips import ClipFormat, clip_layout, make_clip
     from packcache.demo.train import heldout_seeds
     from packcache.policies import FullCache, PackCache, SlidingWindow, StreamingLLM
     from packcache.runtime import generate_video
 
-    layout = clip_layout(frames)
+    layout = clip_layout(frames, clip_format=ClipFormat.of(model.config))
     config = model.config.get_text_config(decoder=True)
     paper = PackCache(Budget.paper_default(config.num_hidden_layers, config.num_attention_heads,
                                            config.num_key_value_heads, layout.summary(), model_id="demo"))

@@ -16,6 +16,8 @@ two conventions:
   at ``offset + (st*f, sh*r, sw*c)`` with ``offset`` the index of the first frame token and scales
   ``(st, sh, sw) = (4, 8, 8)`` by default. In-frame specials take their frame's time and the grid edge as
   ``(h, w)``; suffix specials continue 1-D after the largest position. [our choice for the specials]
+  ``cond_time_gap`` (default 1) is how many time steps the first frame after the conditioning frames sits after
+  the last of them; every later frame keeps its step of 1 (``st`` in positions).
 * ``"mrope"`` -- transformers' Qwen2-VL / Qwen3-VL M-RoPE as ``get_rope_index`` gives it: text and specials
   advance 1-D from the previous maximum + 1; a vision block of grid ``(T, H, W)`` starting at ``s`` puts token
   ``(t, r, c)`` at ``(s+t, s+r, s+c)``. Frames separated by specials are one block each (``T = 1``); frames
@@ -92,6 +94,7 @@ class SequenceLayout:
     convention: str = "mmrope"
     scales: tuple[int, int, int] = (4, 8, 8)
     time_interval: float = 1.0
+    cond_time_gap: int = 1
 
     def __post_init__(self) -> None:
         for name in ("text_tokens", "prefix_specials", "suffix_specials", "frame_prefix", "frame_suffix"):
@@ -109,6 +112,10 @@ class SequenceLayout:
             raise LayoutError(f"scales must be three positive integers, got {self.scales}")
         if not self.time_interval > 0:
             raise LayoutError(f"time_interval must be > 0, got {self.time_interval}")
+        if self.cond_time_gap < 1:
+            raise LayoutError(f"cond_time_gap must be >= 1, got {self.cond_time_gap}")
+        if self.cond_time_gap != 1 and (self.convention != "mmrope" or not self.cond_frames):
+            raise LayoutError("cond_time_gap applies to the 'mmrope' convention with a conditioning frame")
         if self.convention == "mrope" and self.row_separator:
             raise LayoutError("the 'mrope' convention has no row separators (Qwen-VL grids are contiguous)")
         object.__setattr__(self, "_arrays", self._build())
@@ -129,6 +136,7 @@ class SequenceLayout:
         cond_frames: int = 1,
         convention: str = "mmrope",
         scales: tuple[int, int, int] = (4, 8, 8),
+        cond_time_gap: int = 1,
     ) -> SequenceLayout:
         """Parse a token stream given its special token ids.
 
@@ -194,6 +202,7 @@ class SequenceLayout:
             suffix_specials=len(suffix),
             convention=convention,
             scales=scales,
+            cond_time_gap=cond_time_gap,
         )
 
     # ----------------------------------------------------------------------------------------------------
@@ -299,13 +308,15 @@ class SequenceLayout:
             "frame_suffix": self.frame_suffix,
             "prefix_specials": self.prefix_specials,
             "convention": self.convention,
+            "cond_time_gap": self.cond_time_gap,
         }
 
     # ----------------------------------------------------------------------------------------------------
     def _frame_time(self, frame: np.ndarray) -> np.ndarray:
         offset = self.first_frame_token
         if self.convention == "mmrope":
-            return offset + self.scales[0] * frame
+            gap = np.where(frame >= self.cond_frames, self.cond_time_gap - 1, 0) if self.cond_frames else 0
+            return offset + self.scales[0] * (frame + gap)
         if self._video_block:
             # float32 product truncated to int, exactly as get_vision_position_ids computes it
             return offset + (frame.astype(np.float32) * np.float32(self.time_interval)).astype(np.int64)

@@ -23,7 +23,16 @@ import torch.nn.functional as F
 
 from packcache.budget import Budget, atomic_write_text
 from packcache.cache import CompactCache
-from packcache.demo.clips import VOCAB, Clip, Vocab, clip_layout, frame_token_ids, make_clips
+from packcache.demo.clips import (
+    VOCAB,
+    Clip,
+    ClipFormat,
+    Vocab,
+    clip_layout,
+    clip_token_ids,
+    frame_token_ids,
+    make_clips,
+)
 from packcache.layout import SequenceLayout
 from packcache.policies import CachePolicy, FullCache, PackCache, SlidingWindow, StreamingLLM
 from packcache.progress import ProgressBar
@@ -106,7 +115,8 @@ def teacher_forced(model, clips: Sequence[Clip], policy: CachePolicy, *, rebase:
     num_frames = clips[0].frames.shape[0]
     if any(c.frames.shape[0] != num_frames for c in clips):
         raise ValueError("teacher_forced: all clips must have the same number of frames")
-    layout = clip_layout(num_frames, text_tokens=len(clips[0].text))
+    clip_format = ClipFormat.of(model.config)
+    layout = clip_layout(num_frames, text_tokens=len(clips[0].text), clip_format=clip_format)
     dims = position_dims(model)
     vis = np.flatnonzero(layout.row[layout.frame_slice(0)] >= 0)
     tube = history_tube(layout.height, layout.width, history_mask_ratio)
@@ -119,7 +129,7 @@ def teacher_forced(model, clips: Sequence[Clip], policy: CachePolicy, *, rebase:
         truth = torch.from_numpy(np.stack([c.frames for c in part]).reshape(rows, num_frames, -1))
         cache = CompactCache(policy, layout, model=model, rebase=rebase)
         first = slice(0, layout.frame_slice(0).stop)
-        ardf_forward(model, cache, first, np.stack([np.concatenate([c.text, frame_token_ids(c.frames[0], vocab)])
+        ardf_forward(model, cache, first, np.stack([clip_token_ids(c.text, c.frames[:1], vocab, clip_format)
                                                      for c in part]), dims)
         preds, nlls = [], []
         for k in range(1, num_frames):
@@ -178,7 +188,7 @@ def policy_table(model, *, num_clips: int = 64, num_frames: int = 13, gen_clips:
     from packcache.demo.train import heldout_seeds
 
     clips = make_clips(heldout_seeds(num_clips, start=10_000 + seed * num_clips), num_frames)
-    layout = clip_layout(num_frames)
+    layout = clip_layout(num_frames, clip_format=ClipFormat.of(model.config))
     rows, reference = [], None
     for name, (policy, rebase) in equal_memory_policies(model, layout, budget).items():
         tf = teacher_forced(model, clips, policy, rebase=rebase, progress=progress)

@@ -107,13 +107,13 @@ def profile_demo(model: torch.nn.Module, sample_ids: list[int], *, frames: int =
     Decoding step ``s < steps`` are the masked iterations; step ``steps`` is the re-encoding forward of the
     finished frame.
     """
-    from packcache.demo import clip_layout, make_clip
+    from packcache.demo import ClipFormat, clip_layout, make_clip
     from packcache.policies import FullCache
     from packcache.runtime import generate_video
 
     if layout is not None:  # a spec may choose the number of frames; the rest is fixed by the demo clips
         frames = layout.num_frames
-    expected = clip_layout(frames)
+    expected = clip_layout(frames, clip_format=ClipFormat.of(model.config))
     if layout is not None and layout != expected:
         raise ProfileError(f"layout {_describe(layout)} does not fit the demo clips ({_describe(expected)})")
     with _probe(model, expected, model_id, steps + 1) as probe:
@@ -178,7 +178,8 @@ def profile_model(model: torch.nn.Module, sample_ids: list[int], *, layout: Sequ
 
 def _describe(layout: SequenceLayout) -> str:
     return (f"text={layout.text_tokens},frames={layout.num_frames},height={layout.height},width={layout.width},"
-            f"rowsep={int(layout.row_separator)},prefix={layout.frame_prefix},suffix={layout.frame_suffix}")
+            f"rowsep={int(layout.row_separator)},prefix={layout.frame_prefix},suffix={layout.frame_suffix},"
+            f"prefix_specials={layout.prefix_specials},cond_time_gap={layout.cond_time_gap}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -244,12 +245,12 @@ def compare_with_paper(model: torch.nn.Module, fitted, *, num_clips: int = 64, n
     """Teacher-forced fidelity (:func:`packcache.metrics.teacher_forced`) of the fitted budget, the paper's fixed
     rho = 1/2 budget at the same memory, and the full cache, on held-out demo clips; JSON-ready."""
     from packcache.budget import Budget
-    from packcache.demo import clip_layout, make_clips
+    from packcache.demo import ClipFormat, clip_layout, make_clips
     from packcache.demo.train import heldout_seeds
     from packcache.metrics import FRAME_RANGES, teacher_forced
     from packcache.policies import FullCache, PackCache
 
-    layout = clip_layout(num_frames)
+    layout = clip_layout(num_frames, clip_format=ClipFormat.of(model.config))
     m = fitted.model
     paper = Budget.paper_default(m["num_layers"], m["num_heads"], m["num_kv_heads"], dict(fitted.layout),
                                  model_id=m["id"], window=fitted.window)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from packcache.cache import CompactCache, cache_kwargs
-from packcache.demo.clips import VOCAB, Vocab, clip_layout, encode_prompt, frame_token_ids
+from packcache.demo.clips import VOCAB, ClipFormat, Vocab, clip_layout, clip_token_ids, encode_prompt, frame_token_ids
 from packcache.demo.model import ardf_mask
 from packcache.layout import SequenceLayout
 from packcache.policies.base import CachePolicy
@@ -114,7 +114,8 @@ def generate_video(
     sequences run as the two batch rows of one :class:`CompactCache` -- their layouts coincide, so every policy
     keeps the same slots in both, exactly as two separate caches would. ``temperature=0`` decodes greedily;
     otherwise sampling is seeded by ``seed``. ``rebase`` renumbers kept frames contiguously in time (3-D rotary
-    models). ``layout`` defaults to the demo layout (:func:`packcache.demo.clip_layout`).
+    models). ``layout`` defaults to the demo layout (:func:`packcache.demo.clip_layout`) in the sequence format
+    the model's config records (:class:`~packcache.demo.ClipFormat`; its prefix specials follow the prompt).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -124,10 +125,14 @@ def generate_video(
         raise ValueError(f"history_mask_ratio must lie in [0, 1), got {history_mask_ratio}")
     text = encode_prompt(prompt) if isinstance(prompt, str) else np.asarray(prompt, dtype=np.int64)
     cond = np.asarray(cond_frame, dtype=np.int64)
-    layout = layout or clip_layout(num_frames, text_tokens=len(text))
+    clip_format = ClipFormat.of(model.config)
+    layout = layout or clip_layout(num_frames, text_tokens=len(text), clip_format=clip_format)
     if layout.num_frames != num_frames or layout.text_tokens != len(text):
         raise ValueError(f"layout has {layout.num_frames} frames and {layout.text_tokens} text tokens, "
                          f"the request {num_frames} and {len(text)}")
+    if layout.prefix_specials != len(clip_format.prefix_ids):
+        raise ValueError(f"layout has {layout.prefix_specials} specials before frame 0, the model's sequence "
+                         f"format {len(clip_format.prefix_ids)}")
     if cond.shape != (layout.height, layout.width):
         raise ValueError(f"cond_frame must be a {layout.height}x{layout.width} grid, got shape {cond.shape}")
     rows = 1 if cfg_scale == 1.0 else 2
@@ -155,7 +160,7 @@ def generate_video(
     with torch.no_grad():
         start = time.perf_counter()
         first = slice(0, sl0.stop)
-        logits = forward(first, np.stack([np.concatenate([t, frame_token_ids(cond, vocab)]) for t in texts]))
+        logits = forward(first, np.stack([clip_token_ids(t, cond[None], vocab, clip_format) for t in texts]))
         records.append(FrameRecord(0, time.perf_counter() - start, 0.0, cache.slots_per_layer(), cache.kv_bytes(), 1))
         bar.update(1)
         last = logits[:, -1]

@@ -46,14 +46,18 @@ def tiny_qwen3vl_text(attn: str = "sdpa", vocab: int = 96):
     return Qwen3VLTextModel(config).eval()
 
 
-def tiny_demo_model():
-    """A very small randomly initialised :class:`packcache.demo.DemoVideoModel` (2 layers, hidden 32)."""
+def tiny_demo_model(clip_format=None):
+    """A very small randomly initialised :class:`packcache.demo.DemoVideoModel` (2 layers, hidden 32), for the
+    sequence format ``clip_format`` (default: the plain one)."""
+    from packcache.demo.clips import PLAIN
     from packcache.demo.model import DemoVideoConfig, DemoVideoModel
 
+    clip_format = clip_format or PLAIN
     torch.manual_seed(0)
     config = DemoVideoConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             num_key_value_heads=2, head_dim=16,
-                             rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [4, 2, 2]})
+                             num_key_value_heads=2, head_dim=16, vocab_size=clip_format.vocab_size,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [4, 2, 2]},
+                             **clip_format.config_fields())
     return DemoVideoModel(config).eval()
 
 

@@ -8,27 +8,33 @@ import numpy as np
 import pytest
 import torch
 
-from packcache.demo import clip_layout, make_clips
+from packcache.demo import PLAIN, ClipFormat, clip_layout, make_clips
 from packcache.demo.block_attention import BACKEND, ArdfBlocks, register_block_attention
 from packcache.demo.model import DemoVideoConfig, DemoVideoModel
 from packcache.demo.train import ardf_batch, batch_logits
 
 
-def _gqa_demo_model() -> DemoVideoModel:
+def _gqa_demo_model(clip_format: ClipFormat = PLAIN) -> DemoVideoModel:
     torch.manual_seed(0)
-    config = DemoVideoConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    config = DemoVideoConfig(vocab_size=clip_format.vocab_size, **clip_format.config_fields(),
+                             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=16,
                              rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [4, 2, 2]})
     return DemoVideoModel(config)
 
 
-@pytest.mark.parametrize("frames, window", [(3, 0), (7, 0), (7, 1), (7, 2)])
-def test_training_blocks_allow_exactly_what_the_ardf_mask_allows(frames, window):
+SINK = ClipFormat(video_start=True, condition_gap=32)
+
+
+@pytest.mark.parametrize("frames, window, clip_format", [(3, 0, PLAIN), (7, 0, PLAIN), (7, 1, PLAIN), (7, 2, PLAIN),
+                                                         (7, 2, SINK)])
+def test_training_blocks_allow_exactly_what_the_ardf_mask_allows(frames, window, clip_format):
     """An independent check of the block structure: expand it to a dense mask and compare with ardf_batch's.
-    With a history window w, the masked copy of frame k sees the condition frame and clean frames k-w..k-1 only."""
-    layout = clip_layout(frames)
-    blocks = ArdfBlocks.training_sequence(layout.text_tokens, layout.tokens_per_frame, frames, window)
-    batch = ardf_batch(make_clips([0], frames), history_window=window)
+    With a history window w, the masked copy of frame k sees the condition frame and clean frames k-w..k-1 only.
+    Text and ``<video_start>`` form the first block."""
+    layout = clip_layout(frames, clip_format=clip_format)
+    blocks = ArdfBlocks.training_sequence(layout.first_frame_token, layout.tokens_per_frame, frames, window)
+    batch = ardf_batch(make_clips([0], frames), history_window=window, clip_format=clip_format)
     assert blocks.length == batch.ids.shape[1]
     dense = torch.zeros(blocks.length, blocks.length, dtype=torch.bool)
     for (qs, qe), seen in zip(blocks.queries, blocks.key_blocks):
@@ -37,7 +43,7 @@ def test_training_blocks_allow_exactly_what_the_ardf_mask_allows(frames, window)
             dense[qs:qe, ks:ke] = True
     visible = batch.mask[0, 0] == 0
     assert torch.equal(dense, visible)
-    text, tpf = layout.text_tokens, layout.tokens_per_frame
+    text, tpf = layout.first_frame_token, layout.tokens_per_frame
     for k in range(1, frames):
         copy = text + (frames - 2 + k) * tpf  # first token of the masked copy of frame k
         seen_frames = [f for f in range(frames - 1) if visible[copy, text + f * tpf]]
@@ -46,13 +52,13 @@ def test_training_blocks_allow_exactly_what_the_ardf_mask_allows(frames, window)
         assert visible[copy, :text].all()
 
 
-@pytest.mark.parametrize("window", [0, 1])
-def test_block_attention_matches_the_masked_dense_forward_and_gradients(window):
+@pytest.mark.parametrize("window, clip_format", [(0, PLAIN), (1, PLAIN), (1, SINK)])
+def test_block_attention_matches_the_masked_dense_forward_and_gradients(window, clip_format):
     register_block_attention()
-    model = _gqa_demo_model().train()
+    model = _gqa_demo_model(clip_format).train()
     rng = np.random.default_rng(0)
     batch = ardf_batch(make_clips(range(3), 4), rng, query_ratio=None, full_mask_prob=0.5, history_mask_prob=1.0,
-                       history_mask_max=0.6, history_window=window)
+                       history_mask_max=0.6, history_window=window, clip_format=clip_format)
     results = {}
     for impl in ("sdpa", BACKEND):
         model.set_attn_implementation(impl)

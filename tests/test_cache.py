@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -39,22 +40,24 @@ def feed_frames(model, cache, ids, layout, dims, upto=None):
 
 
 @pytest.mark.parametrize("factory", [tiny_qwen2vl_text, tiny_qwen3vl_text])
-def test_rebased_keys_equal_keys_computed_at_the_new_positions(factory):
+@pytest.mark.parametrize("layout", [LAYOUT, dataclasses.replace(LAYOUT, cond_time_gap=8)], ids=["adjacent", "gap8"])
+def test_rebased_keys_equal_keys_computed_at_the_new_positions(factory, layout):
     """Layer-0 keys depend only on the token and its position: recompute them from scratch at the rebased
-    positions with the model's own rotary code and compare with the re-rotated cached keys."""
+    positions with the model's own rotary code and compare with the re-rotated cached keys. With a condition gap
+    the first kept frame after the condition keeps its distance from it."""
     model = factory()
-    ids = torch.randint(0, 96, (LAYOUT.num_tokens,), generator=torch.Generator().manual_seed(3))
-    cache = CompactCache(PackCache(Budget.paper_default(2, 4, 2, LAYOUT.summary())), LAYOUT, model=model,
+    ids = torch.randint(0, 96, (layout.num_tokens,), generator=torch.Generator().manual_seed(3))
+    cache = CompactCache(PackCache(Budget.paper_default(2, 4, 2, layout.summary())), layout, model=model,
                          rebase=True)
-    feed_frames(model, cache, ids, LAYOUT, 3, upto=7)
+    feed_frames(model, cache, ids, layout, 3, upto=7)
     tokens = cache.slot_tokens[0][0]
-    frames = LAYOUT.frame[tokens.numpy()]
+    frames = layout.frame[tokens.numpy()]
     kept_frames = sorted(set(frames[frames >= 0].tolist()))
     assert kept_frames == [0, 3, 4, 5, 6], kept_frames  # cond + the window of 4
-    expected_pos = LAYOUT.pos3d[tokens.numpy()].copy()
+    expected_pos = layout.pos3d[tokens.numpy()].copy()
     for rank, f in enumerate(kept_frames):
-        expected_pos[frames == f, 0] = LAYOUT.frame_time(rank)
-    assert not np.array_equal(expected_pos, LAYOUT.pos3d[tokens.numpy()]), "rebasing moved nothing"
+        expected_pos[frames == f, 0] = layout.frame_time(rank)
+    assert not np.array_equal(expected_pos, layout.pos3d[tokens.numpy()]), "rebasing moved nothing"
     fresh = DynamicCache()
     with torch.no_grad():
         model(input_ids=ids[None, tokens], **cache_kwargs(model, fresh), use_cache=True,
@@ -62,9 +65,9 @@ def test_rebased_keys_equal_keys_computed_at_the_new_positions(factory):
     diff = float((fresh.layers[0].keys - cache.layers[0].keys).abs().max())
     assert diff <= 1e-5, diff
     # the next frame is placed right after the kept frames, spatial positions untouched
-    nxt = cache.position_ids(LAYOUT.frame_slice(7))
-    assert int(nxt[0].min()) == LAYOUT.frame_time(len(kept_frames))
-    assert torch.equal(nxt[1:], LAYOUT.position_ids(LAYOUT.frame_slice(7))[1:])
+    nxt = cache.position_ids(layout.frame_slice(7))
+    assert int(nxt[0].min()) == layout.frame_time(len(kept_frames))
+    assert torch.equal(nxt[1:], layout.position_ids(layout.frame_slice(7))[1:])
 
 
 def test_rebase_is_refused_for_1d_rope():

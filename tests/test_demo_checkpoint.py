@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from packcache import FullCache
-from packcache.demo import DemoVideoModel, clip_layout, load_demo_model, make_clips
+from packcache.demo import ClipFormat, DemoVideoModel, clip_layout, load_demo_model, make_clips
 from packcache.demo.clips import visual_index
 from packcache.demo.model import DEFAULT_MODEL_DIR
 from packcache.demo.train import ardf_batch, batch_logits, heldout_seeds, prompt_direction_gain
@@ -61,33 +61,37 @@ def attention_by_group(model, clips) -> tuple[np.ndarray, np.ndarray]:
     """Eager attention of each masked copy's visual cells, summed by key group as ``probes/`` groups keys and
     averaged over clips, cells, heads and layers: ``[query frame k, group]`` with groups text, condition, history
     d = 1..5, own frame (visual cells of each) and specials (frame specials and row separators). Also returns the
-    same sums for uniform attention over each query's visible keys (its share of the keys)."""
-    eager = load_demo_model(attn_implementation="eager")
-    batch = ardf_batch(clips)
+    same sums for uniform attention over each query's visible keys (its share of the keys). A ``<video_start>``
+    after the text counts among the specials."""
+    clip_format = ClipFormat.of(model.config)
+    batch = ardf_batch(clips, clip_format=clip_format)
     captured = []
     hooks = [m.register_forward_hook(lambda _m, _a, out: captured.append(out[1].detach()))
-             for name, m in eager.named_modules() if name.endswith("self_attn")]
+             for name, m in model.named_modules() if name.endswith("self_attn")]
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            batch_logits(eager, batch)
+            batch_logits(model, batch)
     finally:
+        model.set_attn_implementation(implementation)
         for h in hooks:
             h.remove()
     weights = torch.stack(captured).mean(dim=(0, 2))  # [B, L, L] over layers and heads
     visible = (batch.mask[:, 0] == 0).float()
     uniform = visible / visible.sum(-1, keepdim=True)  # [1, L, L]
     layout_frames = clips[0].frames.shape[0]
-    layout = clip_layout(layout_frames)
-    text, tpf = layout.text_tokens, layout.tokens_per_frame  # clean frames start right after the text
+    layout = clip_layout(layout_frames, clip_format=clip_format)
+    head, tpf = layout.first_frame_token, layout.tokens_per_frame  # clean frames start right after text + sink
     cells = torch.from_numpy(visual_index(layout))  # visual cells' offsets inside a frame
 
     def by_group(w: torch.Tensor) -> np.ndarray:
         out = np.zeros((layout_frames, 9))
         for q, k in enumerate(range(1, layout_frames)):
             rows = w[:, batch.query_at[q]]  # [B, cells, L]
-            own = text + (layout_frames - 1) * tpf + q * tpf
-            visual = [rows[..., text + f * tpf + cells].sum(-1) for f in range(k)] + [rows[..., own + cells].sum(-1)]
-            groups = [rows[..., :text].sum(-1), visual[0]]
+            own = head + (layout_frames - 1) * tpf + q * tpf
+            visual = [rows[..., head + f * tpf + cells].sum(-1) for f in range(k)] + [rows[..., own + cells].sum(-1)]
+            groups = [rows[..., : layout.text_tokens].sum(-1), visual[0]]
             groups += [visual[k - d] if d < k else torch.full_like(groups[0], float("nan")) for d in range(1, 6)]
             groups.append(visual[-1])
             groups.append(rows.sum(-1) - groups[0] - sum(visual))  # every visible key that is not text or a cell

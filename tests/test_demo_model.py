@@ -11,7 +11,9 @@ import torch
 import packcache.demo.train as train_module
 from packcache import SequenceLayout
 from packcache.demo import (
+    PLAIN,
     VOCAB,
+    ClipFormat,
     DemoVideoConfig,
     DemoVideoModel,
     ardf_mask,
@@ -20,6 +22,7 @@ from packcache.demo import (
     decode_prompt,
     encode_prompt,
     frame_token_ids,
+    load_demo_model,
     make_clip,
     make_clips,
     reverse_directions,
@@ -113,6 +116,21 @@ def test_token_ids_parse_back_to_the_clip_layout():
     np.testing.assert_array_equal(visual, clip.frames)
 
 
+def test_video_start_format_parses_back_with_the_sink_after_the_text():
+    fmt = ClipFormat(video_start=True, condition_gap=32)
+    clip = make_clip(3, 4)
+    ids = clip_token_ids(clip.text, clip.frames, clip_format=fmt)
+    assert ids[len(clip.text)] == VOCAB.video_start and len(ids) == len(clip_token_ids(clip.text, clip.frames)) + 1
+    layout = SequenceLayout.from_token_ids(ids, VOCAB.special_tokens(), convention="mmrope", scales=SCALES,
+                                           cond_time_gap=32)
+    assert layout == clip_layout(4, clip_format=fmt) and layout.prefix_specials == 1
+    assert layout.frame_time(1) - layout.frame_time(0) == 32 * SCALES[0]
+    np.testing.assert_array_equal(ids[layout.row >= 0].reshape(4, 8, 8), clip.frames)
+    assert PLAIN.vocab_size == VOCAB.video_start < fmt.vocab_size == VOCAB.size
+    with pytest.raises(ValueError, match="condition_gap must be >= 1"):
+        ClipFormat(condition_gap=0)
+
+
 def test_prompt_round_trip_and_errors():
     assert decode_prompt(encode_prompt("red right 1 blue down 2")) == "red right 1 blue down 2"
     assert len(encode_prompt("red right 1")) == 6
@@ -142,6 +160,16 @@ def test_model_saves_and_loads_offline(tmp_path):
         a = model(batch.ids, batch.position_ids.expand(3, 2, -1), batch.mask.expand(2, -1, -1, -1)).logits
         b = back(batch.ids, batch.position_ids.expand(3, 2, -1), batch.mask.expand(2, -1, -1, -1)).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_model_config_records_its_clip_format_and_loading_checks_the_vocabulary(tmp_path):
+    fmt = ClipFormat(video_start=True, condition_gap=32)
+    DemoVideoModel(tiny_config(vocab_size=fmt.vocab_size, **fmt.config_fields())).save_pretrained(tmp_path / "sink")
+    assert ClipFormat.of(load_demo_model(tmp_path / "sink").config) == fmt
+    assert ClipFormat.of(DemoVideoModel(tiny_config()).config) == PLAIN  # and checkpoints from before the options
+    DemoVideoModel(tiny_config(**fmt.config_fields())).save_pretrained(tmp_path / "short")  # 24 ids: no sink id
+    with pytest.raises(ValueError, match="needs 25 token ids, the model embeds 24"):
+        load_demo_model(tmp_path / "short")
 
 
 def test_ardf_mask_is_causal_across_frames_and_bidirectional_within():
@@ -269,6 +297,8 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
     (["--attention", "dense"], "attention must be 'sdpa' or 'blocks'"),
     (["--history-window-prob", "0.5", "--history-window-max", "0"], "history_window_max must be >= 1"),
     (["--turn-prob", "1.5"], "turn_prob must lie in [0, 1]"),
+    (["--condition-gap", "0"], "condition_gap must be >= 1"),
+    (["--init", "no/such/dir"], "--init no/such/dir: no checkpoint there"),
 ])
 def test_training_command_rejects_bad_options_in_one_line(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -277,3 +307,30 @@ def test_training_command_rejects_bad_options_in_one_line(tmp_path, capsys, args
     err = capsys.readouterr().err.strip()
     assert err.startswith("packcache.demo.train: error: ") and message in err and "\n" not in err
     assert not (tmp_path / "model").exists()
+
+
+def test_training_continues_only_in_the_format_of_its_init_checkpoint(tmp_path, capsys):
+    DemoVideoModel(tiny_config()).save_pretrained(tmp_path / "plain")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main(["--out", str(tmp_path / "model"), "--init", str(tmp_path / "plain"), "--video-start",
+                           "--condition-gap", "32"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "was trained on ClipFormat(video_start=False, condition_gap=1)" in err and "\n" not in err
+    assert not (tmp_path / "model").exists()
+
+
+def test_ardf_batch_in_the_video_start_format_puts_the_sink_after_the_text_at_the_layout_positions():
+    fmt = ClipFormat(video_start=True, condition_gap=32)
+    frames = 4
+    batch = ardf_batch(make_clips(range(2), frames), clip_format=fmt, prompt_gap=3)
+    layout = clip_layout(frames, clip_format=fmt)
+    text = layout.text_tokens
+    assert (batch.ids[:, text] == VOCAB.video_start).all()
+    order = np.concatenate([np.arange(layout.first_frame_token)]
+                           + [np.arange(layout.frame_slice(f).start, layout.frame_slice(f).stop)
+                              for f in [*range(frames - 1), *range(1, frames)]])
+    expected = layout.pos3d[order].T.copy()
+    expected[:, text:] += 3  # the prompt gap moves everything after the prompt, the sink included
+    np.testing.assert_array_equal(batch.position_ids[:, 0].numpy(), expected)

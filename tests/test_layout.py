@@ -60,6 +60,26 @@ def test_mrope_convention_per_frame_blocks_and_video_block():
     assert video.pos3d[6].tolist() == [3, 2, 2] and video.pos3d[-1].tolist() == [4, 4, 4]
 
 
+def test_cond_time_gap_puts_the_frames_after_the_condition_further_away_in_time():
+    layout = SequenceLayout(**LUMOS, cond_time_gap=10)
+    plain = SequenceLayout(**LUMOS)
+    offset, st = layout.first_frame_token, layout.scales[0]
+    assert layout.frame_time(np.arange(3)).tolist() == [offset, offset + st * 10, offset + st * 11]
+    shift = np.where(layout.frame >= 1, st * 9, 0)
+    np.testing.assert_array_equal(layout.pos3d[: -1, 0], plain.pos3d[: -1, 0] + shift[:-1])
+    np.testing.assert_array_equal(layout.pos3d[:, 1:][: -1], plain.pos3d[:, 1:][: -1])  # (h, w) are unchanged
+    assert layout.pos3d[-1].tolist() == [layout.pos3d[:-1].max() + 1] * 3  # the suffix still follows the maximum
+    assert layout.summary()["cond_time_gap"] == 10 and plain.summary()["cond_time_gap"] == 1
+    parsed = SequenceLayout.from_token_ids(lumos_ids(layout), SPECIAL, cond_time_gap=10)
+    assert parsed == layout and np.array_equal(parsed.pos3d, layout.pos3d)
+    with pytest.raises(LayoutError, match="cond_time_gap must be >= 1"):
+        SequenceLayout(**LUMOS, cond_time_gap=0)
+    with pytest.raises(LayoutError, match="'mmrope' convention with a conditioning frame"):
+        SequenceLayout(**{**LUMOS, "row_separator": False}, convention="mrope", cond_time_gap=2)
+    with pytest.raises(LayoutError, match="'mmrope' convention with a conditioning frame"):
+        SequenceLayout(**LUMOS, cond_frames=0, cond_time_gap=2)
+
+
 def test_parse_token_ids_round_trip():
     layout = SequenceLayout(**LUMOS)
     parsed = SequenceLayout.from_token_ids(lumos_ids(layout), SPECIAL)

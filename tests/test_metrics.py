@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_demo_model
 
 from packcache import FullCache, SlidingWindow
-from packcache.demo import make_clips
+from packcache.demo import PLAIN, ClipFormat, make_clips
 from packcache.demo.train import ardf_batch, batch_logits
 from packcache.metrics import (
     copy_last_frame,
@@ -41,12 +41,14 @@ def test_copy_last_frame_scores_zero_on_changed_cells():
     assert ground_truth_accuracy(truth, truth)["changed_acc"] == 1.0
 
 
-def test_teacher_forced_full_cache_equals_the_one_shot_training_forward():
-    """The cache path (prefill, frozen masked frame, append, compact) reproduces the training sequence's logits."""
-    model = tiny_demo_model()
+@pytest.mark.parametrize("clip_format", [PLAIN, ClipFormat(video_start=True, condition_gap=32)], ids=str)
+def test_teacher_forced_full_cache_equals_the_one_shot_training_forward(clip_format):
+    """The cache path (prefill, frozen masked frame, append, compact) reproduces the training sequence's logits,
+    in every sequence format (the model's config says which)."""
+    model = tiny_demo_model(clip_format)
     clips = make_clips(range(3), 5)
     with torch.no_grad():
-        batch = ardf_batch(clips)
+        batch = ardf_batch(clips, clip_format=clip_format)
         logits = batch_logits(model, batch)
     tf = teacher_forced(model, clips, FullCache(), batch=2)
     np.testing.assert_array_equal(tf.predicted, logits.argmax(-1).numpy())

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_demo_model, tiny_llama
 
 from packcache import Budget, FullCache, PackCache, SlidingWindow, StreamingLLM
-from packcache.demo import VOCAB, ardf_mask, clip_layout, frame_token_ids, make_clip
+from packcache.demo import PLAIN, VOCAB, ClipFormat, ardf_mask, clip_layout, frame_token_ids, make_clip
 from packcache.runtime import VideoResult, generate_video
 
 FRAMES = 13
@@ -23,10 +23,10 @@ def policies(layout, num_layers=2, num_heads=2, num_kv_heads=2):
             "streaming_llm": StreamingLLM(max_tokens=pack.budget_tokens(layout))}
 
 
-def reference_masked(model, text, cond, num_frames, steps, cfg_scale):
+def reference_masked(model, text, cond, num_frames, steps, cfg_scale, clip_format=PLAIN):
     """Cache-free AR-DF MaskGIT loop: every iteration re-runs the whole sequence with a full AR-DF mask, and the
     conditional / unconditional prompts run as separate sequences."""
-    layout = clip_layout(num_frames)
+    layout = clip_layout(num_frames, clip_format=clip_format)
     vis = np.flatnonzero(layout.row[layout.frame_slice(0)] >= 0)
     frames = [np.asarray(cond)]
     cells = layout.height * layout.width
@@ -40,7 +40,7 @@ def reference_masked(model, text, cond, num_frames, steps, cfg_scale):
         for it in range(steps):
             rows = []
             for t in (text, VOCAB.null_prompt(len(text))):
-                ids = np.concatenate([t] + [frame_token_ids(f) for f in frames] +
+                ids = np.concatenate([t, clip_format.prefix_ids] + [frame_token_ids(f) for f in frames] +
                                      [frame_token_ids(grid.reshape(layout.height, layout.width))])
                 with torch.no_grad():
                     out = model(input_ids=torch.from_numpy(ids)[None], position_ids=pos, attention_mask=mask)
@@ -60,13 +60,16 @@ def reference_masked(model, text, cond, num_frames, steps, cfg_scale):
     return np.stack(frames)
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_masked_full_cache_equals_cache_free_reference(cfg_scale):
-    model = tiny_demo_model()
+@pytest.mark.parametrize("cfg_scale, clip_format", [(1.0, PLAIN), (3.0, PLAIN),
+                                                     (3.0, ClipFormat(video_start=True, condition_gap=32))])
+def test_masked_full_cache_equals_cache_free_reference(cfg_scale, clip_format):
+    """Also in a format with ``<video_start>`` and the frames far from the condition: the model's config says
+    which, and the cache path follows it."""
+    model = tiny_demo_model(clip_format)
     clip = make_clip(1, 4)
     result = generate_video(model, clip.text, clip.frames[0], 4, FullCache(), steps=3, cfg_scale=cfg_scale,
                             progress=False)
-    ref = reference_masked(model, clip.text, clip.frames[0], 4, 3, cfg_scale)
+    ref = reference_masked(model, clip.text, clip.frames[0], 4, 3, cfg_scale, clip_format)
     np.testing.assert_array_equal(result.frames, ref)
     assert (result.frames[1:] < VOCAB.num_colours).all(), "a mask token survived the last iteration"
 
@@ -145,6 +148,12 @@ def test_bad_requests_fail_with_clear_errors():
         generate_video(model, clip.text, clip.frames[0][:4], 4, FullCache(), progress=False)
     with pytest.raises(ValueError, match="prompt word"):
         generate_video(model, "purple up 1", clip.frames[0], 4, FullCache(), progress=False)
+    sink_model = tiny_demo_model(ClipFormat(video_start=True))
+    with pytest.raises(ValueError, match="1 specials before frame 0, the model's sequence format 0"):
+        generate_video(model, clip.text, clip.frames[0], 4, FullCache(), progress=False,
+                       layout=clip_layout(4, clip_format=ClipFormat(video_start=True)))
+    with pytest.raises(ValueError, match="0 specials before frame 0, the model's sequence format 1"):
+        generate_video(sink_model, clip.text, clip.frames[0], 4, FullCache(), progress=False, layout=clip_layout(4))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The demo: synthetic token-grid videos, a small trained AR-DF video model, and its training script."""
 
 from packcache.demo.clips import (
+    PLAIN,
     VOCAB,
     Clip,
+    ClipFormat,
     Vocab,
     clip_layout,
     clip_token_ids,
@@ -16,8 +18,10 @@ from packcache.demo.clips import (
 from packcache.demo.model import DemoVideoConfig, DemoVideoModel, ardf_mask, load_demo_model
 
 __all__ = [
+    "PLAIN",
     "VOCAB",
     "Clip",
+    "ClipFormat",
     "Vocab",
     "clip_layout",
     "clip_token_ids",

@@ -18,7 +18,8 @@ conditioning image. The dynamics are built so that every kind of context matters
 
 The token sequence follows Lumos-1: text, then per frame ``<frame_start>``, 8 rows of 8 visual tokens each
 followed by ``<row_sep>``, ``<frame_end>``. :func:`clip_layout` gives its :class:`~packcache.SequenceLayout`
-(convention ``"mmrope"``, scales ``(1, 4, 4)``).
+(convention ``"mmrope"``, scales ``(1, 4, 4)``). A :class:`ClipFormat`, stored in a model's config, can add
+Lumos-1's ``<video_start>`` after the text and put the frames after the condition frame further away in time.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 
 from packcache.layout import SequenceLayout, SpecialTokens
 
-__all__ = ["Vocab", "VOCAB", "Clip", "make_clip", "make_clips", "clip_layout", "clip_token_ids",
+__all__ = ["Vocab", "VOCAB", "ClipFormat", "PLAIN", "Clip", "make_clip", "make_clips", "clip_layout", "clip_token_ids",
            "frame_token_ids", "encode_prompt", "decode_prompt", "reverse_directions", "GRID", "TEXT_TOKENS", "SCALES",
            "PALETTE"]
 
@@ -68,7 +69,8 @@ class Vocab:
     direction_words: tuple[int, ...] = (17, 18, 19, 20)  # up, down, left, right
     speed_words: tuple[int, ...] = (21, 22)  # 1, 2
     none_word: int = 23
-    size: int = 24
+    video_start: int = 24  # only in sequences of a ClipFormat with video_start
+    size: int = 25
 
     @property
     def colour_ids(self) -> tuple[int, ...]:
@@ -76,7 +78,8 @@ class Vocab:
 
     def special_tokens(self) -> SpecialTokens:
         """The specials that :meth:`SequenceLayout.from_token_ids` needs to parse a demo sequence."""
-        return SpecialTokens(frame_start=self.frame_start, frame_end=self.frame_end, row_separator=self.row_sep)
+        return SpecialTokens(frame_start=self.frame_start, frame_end=self.frame_end, row_separator=self.row_sep,
+                             prefix_ids=(self.video_start,))
 
     def null_prompt(self, length: int = TEXT_TOKENS) -> np.ndarray:
         """The unconditional prompt (classifier-free guidance): ``length`` null-text ids."""
@@ -84,6 +87,48 @@ class Vocab:
 
 
 VOCAB = Vocab()
+
+
+@dataclass(frozen=True)
+class ClipFormat:
+    """How a demo model lays out a sequence; a checkpoint's config records it (:meth:`of`).
+
+    ``video_start``: a ``<video_start>`` token follows the text, as in Lumos-1's sequences; every later token can
+    attend to it, so a head with nothing to read can rest there (an attention sink) instead of on far frames.
+    ``condition_gap``: time steps from the condition frame to frame 1 in the 3-D positions
+    (:attr:`SequenceLayout.cond_time_gap`; 1 = adjacent); frames 1, 2, ... keep a step of 1 between them.
+    """
+
+    video_start: bool = False
+    condition_gap: int = 1
+
+    def __post_init__(self) -> None:
+        if self.condition_gap < 1:
+            raise ValueError(f"condition_gap must be >= 1, got {self.condition_gap}")
+
+    @classmethod
+    def of(cls, config: object) -> ClipFormat:
+        """The format a demo model's config records (checkpoints from before these options: :data:`PLAIN`)."""
+        return cls(video_start=bool(getattr(config, "packcache_video_start", False)),
+                   condition_gap=int(getattr(config, "packcache_condition_gap", 1)))
+
+    @property
+    def prefix_ids(self) -> np.ndarray:
+        """The specials between the text and frame 0."""
+        return np.array([VOCAB.video_start] if self.video_start else [], dtype=np.int64)
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a model of this format embeds."""
+        return VOCAB.size if self.video_start else VOCAB.video_start
+
+    def config_fields(self) -> dict:
+        """The fields of :class:`~packcache.demo.DemoVideoConfig` that record this format."""
+        return {"packcache_video_start": self.video_start, "packcache_condition_gap": self.condition_gap}
+
+
+#: the format of the shipped checkpoint: text, then the frames at adjacent times
+PLAIN = ClipFormat()
 _WORDS = {**{n: VOCAB.colour_words[i] for i, n in enumerate(COLOUR_NAMES)},
           **{n: VOCAB.direction_words[i] for i, n in enumerate(DIRECTIONS)},
           **{str(s): VOCAB.speed_words[i] for i, s in enumerate(SPEEDS)}, "none": VOCAB.none_word}
@@ -216,10 +261,14 @@ def make_clips(seeds: Sequence[int], num_frames: int = 7, *, turn_prob: float = 
     return [make_clip(int(s), num_frames, turn_prob=turn_prob) for s in seeds]
 
 
-def clip_layout(num_frames: int, *, text_tokens: int = TEXT_TOKENS) -> SequenceLayout:
-    """Layout of a demo sequence: text, then frames ``<frame_start>``, 8 x (8 cells, ``<row_sep>``), ``<frame_end>``."""
+def clip_layout(num_frames: int, *, text_tokens: int = TEXT_TOKENS, clip_format: ClipFormat = PLAIN
+                ) -> SequenceLayout:
+    """Layout of a demo sequence: text, ``<video_start>`` if the format has it, then frames ``<frame_start>``,
+    8 x (8 cells, ``<row_sep>``), ``<frame_end>``."""
     return SequenceLayout(text_tokens=text_tokens, num_frames=num_frames, height=GRID, width=GRID, cond_frames=1,
-                          row_separator=True, frame_prefix=1, frame_suffix=1, convention="mmrope", scales=SCALES)
+                          row_separator=True, frame_prefix=1, frame_suffix=1,
+                          prefix_specials=len(clip_format.prefix_ids), convention="mmrope", scales=SCALES,
+                          cond_time_gap=clip_format.condition_gap)
 
 
 def frame_token_ids(grid: np.ndarray, vocab: Vocab = VOCAB) -> np.ndarray:
@@ -229,9 +278,12 @@ def frame_token_ids(grid: np.ndarray, vocab: Vocab = VOCAB) -> np.ndarray:
     return np.concatenate([[vocab.frame_start], rows.ravel(), [vocab.frame_end]]).astype(np.int64)
 
 
-def clip_token_ids(text: np.ndarray, frames: np.ndarray, vocab: Vocab = VOCAB) -> np.ndarray:
-    """Token ids of a whole sequence: ``text`` followed by every frame of ``frames [T, H, W]``."""
-    return np.concatenate([np.asarray(text, dtype=np.int64)] + [frame_token_ids(f, vocab) for f in frames])
+def clip_token_ids(text: np.ndarray, frames: np.ndarray, vocab: Vocab = VOCAB, clip_format: ClipFormat = PLAIN
+                   ) -> np.ndarray:
+    """Token ids of a whole sequence: ``text``, the format's prefix specials, then every frame of
+    ``frames [T, H, W]`` (none: the part before frame 0)."""
+    return np.concatenate([np.asarray(text, dtype=np.int64), clip_format.prefix_ids]
+                          + [frame_token_ids(f, vocab) for f in frames])
 
 
 def visual_index(layout: SequenceLayout) -> np.ndarray:

@@ -15,6 +15,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
 from transformers.utils import ModelOutput
 
 from packcache.cache import cache_kwargs
+from packcache.demo.clips import ClipFormat
 
 __all__ = ["DemoVideoConfig", "DemoVideoModel", "DemoVideoOutput", "ardf_mask", "load_demo_model",
            "DEFAULT_MODEL_DIR"]
@@ -24,11 +25,14 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "demo-model"
 
 
 class DemoVideoConfig(Qwen3VLTextConfig):
-    """A ``Qwen3VLTextConfig`` with the colour-head size; ``packcache_rotary`` names the rotary layout."""
+    """A ``Qwen3VLTextConfig`` with the colour-head size; ``packcache_rotary`` names the rotary layout and
+    ``packcache_video_start`` / ``packcache_condition_gap`` the sequence format
+    (:class:`~packcache.demo.clips.ClipFormat`)."""
 
     model_type = "packcache_demo_video"
 
-    def __init__(self, num_colours: int = 6, packcache_rotary: str = "mrope_interleaved", **kwargs) -> None:
+    def __init__(self, num_colours: int = 6, packcache_rotary: str = "mrope_interleaved",
+                 packcache_video_start: bool = False, packcache_condition_gap: int = 1, **kwargs) -> None:
         defaults = dict(vocab_size=24, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=512,
                         rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [6, 5, 5]},
@@ -39,6 +43,8 @@ class DemoVideoConfig(Qwen3VLTextConfig):
         super().__init__(**kwargs)
         self.num_colours = num_colours
         self.packcache_rotary = packcache_rotary
+        self.packcache_video_start = packcache_video_start
+        self.packcache_condition_gap = packcache_condition_gap
 
 
 @dataclass
@@ -114,4 +120,11 @@ def load_demo_model(path: str | os.PathLike | None = None, *, attn_implementatio
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no demo checkpoint at {path} (train one: python -m packcache.demo.train --out DIR)")
     model = DemoVideoModel.from_pretrained(path, attn_implementation=attn_implementation)
+    try:
+        needed = ClipFormat.of(model.config).vocab_size
+    except ValueError as exc:
+        raise ValueError(f"demo checkpoint {path}: {exc}") from None
+    if model.config.vocab_size < needed:
+        raise ValueError(f"demo checkpoint {path}: its sequence format needs {needed} token ids, "
+                         f"the model embeds {model.config.vocab_size}")
     return model.eval()

@@ -76,8 +76,10 @@ from packcache.demo.block_attention import BACKEND as BLOCK_ATTENTION
 from packcache.demo.block_attention import ArdfBlocks, register_block_attention
 from packcache.demo.clips import (
     GRID,
+    PLAIN,
     VOCAB,
     Clip,
+    ClipFormat,
     clip_layout,
     frame_token_ids,
     make_clips,
@@ -134,6 +136,8 @@ class TrainConfig:
     history_window_prob: float = 0.0  # steps whose frames see only the last U{1..max} history frames (+ condition)
     history_window_max: int = 2
     turn_prob: float = 0.0  # training and evaluation clips: objects turn at random after frame 1 (make_clip)
+    video_start: bool = False  # sequence format (ClipFormat): <video_start> after the text
+    condition_gap: int = 1  # sequence format (ClipFormat): time steps from the condition frame to frame 1
     text_dropout: float = 0.1
     eval_every: int = 200
     eval_clips: int = 32
@@ -149,6 +153,13 @@ class TrainConfig:
             raise ValueError(f"turn_prob must lie in [0, 1], got {self.turn_prob}")
         if self.history_window_prob and self.history_window_max < 1:
             raise ValueError(f"history_window_max must be >= 1 frame, got {self.history_window_max}")
+        if self.condition_gap < 1:
+            raise ValueError(f"condition_gap must be >= 1, got {self.condition_gap}")
+
+    @property
+    def clip_format(self) -> ClipFormat:
+        """The sequence format the model is trained on (recorded in its config)."""
+        return ClipFormat(video_start=self.video_start, condition_gap=self.condition_gap)
 
 
 @dataclass
@@ -185,8 +196,9 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
                full_mask_prob: float = 1.0, min_mask_ratio: float = 0.3, history_mask_prob: float = 0.0,
                history_mask_max: float = 0.0, history_noise_prob: float = 0.0, history_noise_max: float = 0.0,
                text_dropout: float = 0.0, past: np.ndarray | None = None, confidence: np.ndarray | None = None,
-               prompt_gap: int = 0, history_window: int = 0) -> ArdfBatch:
-    """Build the teacher-forced sequence ``text | clean frames 0..T-2 | masked copies of frames 1..T-1``.
+               prompt_gap: int = 0, history_window: int = 0, clip_format: ClipFormat = PLAIN) -> ArdfBatch:
+    """Build the teacher-forced sequence ``text | clean frames 0..T-2 | masked copies of frames 1..T-1`` (the
+    text followed by the prefix specials of ``clip_format``, at its positions).
 
     With ``query_ratio=None`` each clip is fully masked with probability ``full_mask_prob``, else masked by a
     tube of ratio U(min_mask_ratio, 1); a number masks that ratio of cells. The default (all cells masked, clean
@@ -203,8 +215,8 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
     """
     rng = rng or np.random.default_rng(0)
     frames = clips[0].frames.shape[0]
-    layout = clip_layout(frames)
-    text = np.arange(layout.text_tokens)
+    layout = clip_layout(frames, clip_format=clip_format)
+    text = np.arange(layout.first_frame_token)
     clean = np.concatenate([np.arange(layout.frame_slice(f).start, layout.frame_slice(f).stop)
                             for f in range(frames - 1)])
     query = np.concatenate([np.arange(layout.frame_slice(f).start, layout.frame_slice(f).stop)
@@ -221,7 +233,7 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
         far = (block[None, :] >= 1) & (block[None, :] < block[:, None] - history_window)
         mask[0, 0][far] = torch.finfo(mask.dtype).min
     pos = layout.pos3d[index]
-    pos[len(text):] += prompt_gap
+    pos[layout.text_tokens:] += prompt_gap
     position_ids = torch.from_numpy(np.ascontiguousarray(pos.T)).view(3, 1, -1)
     vis = visual_index(layout)
     tpf = layout.tokens_per_frame
@@ -250,7 +262,7 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
         q = f[1:].copy()
         q[qmask] = VOCAB.mask
         text_ids = VOCAB.null_prompt(len(clip.text)) if rng.random() < text_dropout else clip.text
-        seq = [text_ids] + [frame_token_ids(g.reshape(GRID, GRID)) for g in hist]
+        seq = [text_ids, clip_format.prefix_ids] + [frame_token_ids(g.reshape(GRID, GRID)) for g in hist]
         seq += [frame_token_ids(g.reshape(GRID, GRID)) for g in q]
         ids.append(np.concatenate(seq))
         targets.append(f[1:])
@@ -259,7 +271,7 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
     return ArdfBatch(ids=torch.from_numpy(np.stack(ids)), position_ids=position_ids, mask=mask, query_at=query_at,
                      targets=torch.from_numpy(np.stack(targets)), changed=torch.from_numpy(np.stack(changed)),
                      masked=torch.from_numpy(np.stack(masked).copy()),
-                     blocks=ArdfBlocks.training_sequence(layout.text_tokens, tpf, frames, history_window))
+                     blocks=ArdfBlocks.training_sequence(len(text), tpf, frames, history_window))
 
 
 def batch_logits(model: DemoVideoModel, batch: ArdfBatch) -> torch.Tensor:
@@ -280,8 +292,9 @@ def evaluate(model: DemoVideoModel, clips: list[Clip], *, train_frames: int = 7,
     was_training = model.training
     model.eval()
     correct, changed, arriving, total_nll = [], [], [], []
+    clip_format = ClipFormat.of(model.config)
     for i in range(0, len(clips), batch):
-        b = ardf_batch(clips[i : i + batch])
+        b = ardf_batch(clips[i : i + batch], clip_format=clip_format)
         logits = batch_logits(model, b)
         correct.append((logits.argmax(-1) == b.targets).numpy())
         changed.append(b.changed.numpy())
@@ -322,7 +335,8 @@ def prompt_direction_gain(model: DemoVideoModel, clips: list[Clip], *, batch: in
 def _own_predictions(model: DemoVideoModel, clips: list[Clip]) -> tuple[np.ndarray, np.ndarray]:
     """The model's greedy prediction of frames 1..T-1 from the clean past and the confidence of each predicted
     cell: ``[B, T-1, H*W]`` each."""
-    confidence, predicted = batch_logits(model, ardf_batch(clips)).float().softmax(-1).max(-1)
+    batch = ardf_batch(clips, clip_format=ClipFormat.of(model.config))
+    confidence, predicted = batch_logits(model, batch).float().softmax(-1).max(-1)
     return predicted.numpy(), confidence.numpy()
 
 
@@ -347,7 +361,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     # --init continues from an earlier checkpoint (fresh optimiser and schedule)
-    model = DemoVideoModel.from_pretrained(cfg.init) if cfg.init else DemoVideoModel(model_config or DemoVideoConfig())
+    if cfg.init:
+        check_init(cfg)
+        model = DemoVideoModel.from_pretrained(cfg.init)
+    else:
+        config = model_config or DemoVideoConfig(vocab_size=cfg.clip_format.vocab_size)
+        config.update(cfg.clip_format.config_fields())
+        model = DemoVideoModel(config)
     if cfg.attention == "blocks":
         register_block_attention()
         model.set_attn_implementation(BLOCK_ATTENTION)  # exact, a third of the masked dense attention's FLOPs
@@ -382,13 +402,15 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
                        min_mask_ratio=cfg.min_mask_ratio, history_mask_prob=cfg.history_mask_prob,
                        history_mask_max=cfg.history_mask_max, history_noise_prob=cfg.history_noise_prob,
                        history_noise_max=cfg.history_noise_max, text_dropout=cfg.text_dropout, past=past,
-                       confidence=confidence, prompt_gap=int(gaps[0]), history_window=window)
+                       confidence=confidence, prompt_gap=int(gaps[0]), history_window=window,
+                       clip_format=cfg.clip_format)
         loss = _weighted_loss(model, b, weight)
         if cfg.first_frame_batch:  # frame 1 from the condition and the prompt alone: keeps the prompt's motion read
             pairs = make_clips([_train_seed(cfg.seed, step, i, cfg.first_frame_batch) + FIRST_FRAME_SEED_OFFSET
                                 for i in range(cfg.first_frame_batch)], 2)
             loss = loss + _weighted_loss(model, ardf_batch(pairs, rng, text_dropout=cfg.text_dropout,
-                                                                  prompt_gap=int(gaps[1])), weight)
+                                                           prompt_gap=int(gaps[1]), clip_format=cfg.clip_format),
+                                         weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -421,6 +443,18 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
     return model
 
 
+def check_init(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` if ``cfg.init`` is not a demo checkpoint of the sequence format ``cfg`` asks for."""
+    if not cfg.init:
+        return
+    if not (Path(cfg.init) / "config.json").is_file():
+        raise ValueError(f"--init {cfg.init}: no checkpoint there (config.json missing)")
+    found = ClipFormat.of(DemoVideoConfig.from_pretrained(cfg.init))
+    if found != cfg.clip_format:
+        raise ValueError(f"--init {cfg.init} was trained on {found}, the options ask for {cfg.clip_format} "
+                         f"(pass the same --video-start and --condition-gap)")
+
+
 def save_checkpoint(model: DemoVideoModel, out: str | os.PathLike, record: dict) -> None:
     """``save_pretrained`` into a temporary sibling directory, then rename it to ``out`` (replacing it)."""
     out = Path(out)
@@ -448,10 +482,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory (written atomically)")
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        if isinstance(value, bool):
+            p.add_argument(f"--{name.replace('_', '-')}", action="store_true")
+        else:
+            p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = p.parse_args(argv)
     try:
         cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+        check_init(cfg)
     except ValueError as exc:
         print(f"packcache.demo.train: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
