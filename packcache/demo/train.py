@@ -49,6 +49,12 @@ frame 1 (:func:`~packcache.demo.clips.make_clip`): the older a frame, the less i
 as in real video. (Tried against the heads that attend 3-5 frames back: they shrink and become idle, but stay;
 README.)
 
+``--video-start`` puts Lumos-1's ``<video_start>`` token after the prompt, and ``--condition-gap G`` puts frame 1 G time
+steps after the condition frame (frames 1, 2, ... stay one apart; :class:`~packcache.demo.clips.ClipFormat`). The
+checkpoint's config records both, and every consumer (runtime, metrics, profiler, dashboard) builds the sequence the
+model was trained on; ``--init`` must name a checkpoint of the same format. (Tried against the heads that attend
+3-5 frames back: with both, and ``G = 32``, history falls with distance; README.)
+
 ``--attention blocks`` computes the training attention block by block (:mod:`packcache.demo.block_attention`):
 the same attention up to float rounding, about a third of its FLOPs, 1.3x faster steps on 2 cores. The shipped
 checkpoint was trained with the default (one masked sdpa call), so that default reproduces it.
