@@ -27,7 +27,7 @@ from packcache.demo import (
     make_clips,
     reverse_directions,
 )
-from packcache.demo.clips import COLOUR_NAMES, DIRECTIONS, GRID, OBJ, SCALES, visual_index
+from packcache.demo.clips import COLOUR_NAMES, DIRECTIONS, GRID, OBJ, SCALES, Clip, visual_index
 from packcache.demo.train import TrainConfig, ardf_batch, train
 from packcache.rope import rotary_layout_of
 
@@ -260,6 +260,25 @@ def test_ardf_batch_prompt_gap_puts_the_frames_where_a_longer_prompt_would():
     np.testing.assert_array_equal(shifted.position_ids[:, 0, text:].numpy(), longer.pos3d[order].T)
 
 
+def test_own_predictions_of_a_later_pass_see_the_previous_passes_frames():
+    model = load_demo_model()  # a trained model: a random one predicts one colour everywhere, in every pass
+    clips = make_clips([3, 4], 4)
+    first, _ = train_module._own_predictions(model, clips)
+    second, confidence = train_module._own_predictions(model, clips, 2)
+    third, _ = train_module._own_predictions(model, clips, 3)
+    assert second.shape == confidence.shape == (2, 3, GRID * GRID)
+    # frame 1 sees only the condition, frame 2 sees the first pass's frame 1 after two passes
+    np.testing.assert_array_equal(second[:, 0], first[:, 0])
+    np.testing.assert_array_equal(third[:, :2], second[:, :2])
+    # reference: one clean-past pass over clips whose frame 1 is the first pass's prediction
+    for clip, own, two in zip(clips, first, second):
+        edited = Clip(frames=clip.frames.copy(), text=clip.text)
+        edited.frames[1] = own[0].reshape(GRID, GRID)
+        reference, _ = train_module._own_predictions(model, [edited])
+        np.testing.assert_array_equal(two[1], reference[0, 1])
+    assert not np.array_equal(second, first), "a second pass that changes nothing tests nothing"
+
+
 def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatch):
     out = tmp_path / "model"
     out.mkdir()
@@ -298,6 +317,7 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
     (["--history-window-prob", "0.5", "--history-window-max", "0"], "history_window_max must be >= 1"),
     (["--turn-prob", "1.5"], "turn_prob must lie in [0, 1]"),
     (["--condition-gap", "0"], "condition_gap must be >= 1"),
+    (["--own-history-passes", "0"], "own_history_passes must be >= 1"),
     (["--init", "no/such/dir"], "--init no/such/dir: no checkpoint there"),
 ])
 def test_training_command_rejects_bad_options_in_one_line(tmp_path, capsys, args, message):

@@ -29,10 +29,12 @@ the skill (README, "What was tried for a better video").
 Free-running, a model meets two states teacher forcing never shows it: a past made of its own (imperfect) frames,
 and a partly decoded frame whose visible cells are the ones it was surest of. ``--own-history-prob p`` replaces
 the past frames of a fraction p of the clips by the model's own greedy predictions (parallel scheduled
-sampling; targets stay the true frames), and ``--confidence-mask-prob p`` makes a fraction p of the partly
-masked clips hide each frame's least confident cells instead of a random tube, as MaskGIT decoding leaves them
-(``--min-mask-ratio`` down to 0.1 reaches its last iterations). Both need one extra no-grad forward per step;
-``--free-running-from f`` turns them on only for the last 1 - f of the steps, once the model's frames are good.
+sampling; targets stay the true frames). ``--own-history-passes n`` predicts n times, each pass from the
+previous pass's frames, so that the past carries errors compounded over up to n generated frames, as it does
+free-running. ``--confidence-mask-prob p`` makes a fraction p of the partly masked clips hide each frame's least
+confident cells instead of a random tube, as MaskGIT decoding leaves them (``--min-mask-ratio`` down to 0.1
+reaches its last iterations). Both need extra no-grad forwards (one per pass); ``--free-running-from f`` turns
+them on only for the last 1 - f of the steps, once the model's frames are good.
 
 Every demo prompt is 6 tokens long, so a model can find the prompt by relative position alone.
 ``--prompt-gap-max G`` shifts every position after the prompt by a random 0..G per step, as a prompt up to G
@@ -136,6 +138,7 @@ class TrainConfig:
     history_noise_max: float = 0.0
     min_mask_ratio: float = 0.3  # a partly masked frame hides U(min_mask_ratio, 1) of its cells
     own_history_prob: float = 0.0  # clips whose past frames 1.. are the model's own predictions (scheduled sampling)
+    own_history_passes: int = 1  # pass n predicts from pass n-1's frames: errors compounded over up to n frames
     confidence_mask_prob: float = 0.0  # partly masked clips that hide their least confident cells (MaskGIT states)
     free_running_from: float = 0.0  # the two options above apply from this fraction of the steps on
     prompt_gap_max: int = 0  # each step shifts every position after the prompt by U{0..max}, as a longer prompt would
@@ -159,6 +162,8 @@ class TrainConfig:
             raise ValueError(f"turn_prob must lie in [0, 1], got {self.turn_prob}")
         if self.history_window_prob and self.history_window_max < 1:
             raise ValueError(f"history_window_max must be >= 1 frame, got {self.history_window_max}")
+        if self.own_history_passes < 1:
+            raise ValueError(f"own_history_passes must be >= 1, got {self.own_history_passes}")
         if self.condition_gap < 1:
             raise ValueError(f"condition_gap must be >= 1, got {self.condition_gap}")
 
@@ -338,11 +343,17 @@ def prompt_direction_gain(model: DemoVideoModel, clips: list[Clip], *, batch: in
 
 
 @torch.no_grad()
-def _own_predictions(model: DemoVideoModel, clips: list[Clip]) -> tuple[np.ndarray, np.ndarray]:
-    """The model's greedy prediction of frames 1..T-1 from the clean past and the confidence of each predicted
-    cell: ``[B, T-1, H*W]`` each."""
-    batch = ardf_batch(clips, clip_format=ClipFormat.of(model.config))
-    confidence, predicted = batch_logits(model, batch).float().softmax(-1).max(-1)
+def _own_predictions(model: DemoVideoModel, clips: list[Clip], passes: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The model's greedy prediction of frames 1..T-1 and the confidence of each predicted cell: ``[B, T-1, H*W]``
+    each. The first pass predicts from the clean past, each further pass from the previous pass's frames, so that
+    after ``passes`` passes a frame carries the errors of up to that many generated frames, as free-running."""
+    clip_format = ClipFormat.of(model.config)
+    past = None
+    for _ in range(passes):
+        confidence, predicted = batch_logits(model, ardf_batch(clips, past=past, clip_format=clip_format)
+                                             ).float().softmax(-1).max(-1)
+        past = np.stack([c.frames.reshape(c.frames.shape[0], -1) for c in clips])
+        past[:, 1:] = predicted.numpy()
     return predicted.numpy(), confidence.numpy()
 
 
@@ -399,7 +410,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
         if cfg.history_window_prob and rng.random() < cfg.history_window_prob:
             window = int(rng.integers(1, cfg.history_window_max + 1))
         if (cfg.own_history_prob or cfg.confidence_mask_prob) and step >= cfg.free_running_from * cfg.steps:
-            predicted, confidence = _own_predictions(model, clips)
+            predicted, confidence = _own_predictions(model, clips, cfg.own_history_passes)
             past = np.stack([c.frames.reshape(cfg.frames, -1) for c in clips])
             own = rng.random(len(clips)) < cfg.own_history_prob
             past[own, 1:] = predicted[own]
