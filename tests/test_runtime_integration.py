@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from packcache import Budget, FullCache, PackCache, SlidingWindow, StreamingLLM
-from packcache.demo import clip_layout, load_demo_model, make_clip, make_clips
+from packcache.demo import ClipFormat, clip_layout, load_demo_model, make_clip, make_clips
 from packcache.demo.train import heldout_seeds
 from packcache.metrics import ground_truth_accuracy, teacher_forced, token_agreement
 from packcache.render import render_gif, render_strip
@@ -78,7 +78,7 @@ def test_full_cache_videos_show_the_objects_moving(training_length_videos):
 
 
 def equal_memory(model):
-    layout = clip_layout(FRAMES)
+    layout = clip_layout(FRAMES, clip_format=ClipFormat.of(model.config))  # the sequence the model is run on
     c = model.config
     pack = PackCache(Budget.paper_default(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
                                           layout.summary()))
