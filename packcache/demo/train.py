@@ -348,13 +348,14 @@ def _own_predictions(model: DemoVideoModel, clips: list[Clip], passes: int = 1) 
     each. The first pass predicts from the clean past, each further pass from the previous pass's frames, so that
     after ``passes`` passes a frame carries the errors of up to that many generated frames, as free-running."""
     clip_format = ClipFormat.of(model.config)
-    past = None
+    condition = np.stack([c.frames[:1].reshape(1, -1) for c in clips])
+    predicted = None
     for _ in range(passes):
+        past = None if predicted is None else np.concatenate([condition, predicted], axis=1)
         confidence, predicted = batch_logits(model, ardf_batch(clips, past=past, clip_format=clip_format)
                                              ).float().softmax(-1).max(-1)
-        past = np.stack([c.frames.reshape(c.frames.shape[0], -1) for c in clips])
-        past[:, 1:] = predicted.numpy()
-    return predicted.numpy(), confidence.numpy()
+        predicted = predicted.numpy()
+    return predicted, confidence.numpy()
 
 
 def _weighted_loss(model: DemoVideoModel, batch: ArdfBatch, changed_weight: float) -> torch.Tensor:
