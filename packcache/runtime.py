@@ -22,7 +22,8 @@ from packcache.progress import ProgressBar
 from packcache.records import FrameRecord, VideoResult
 from packcache.rope import position_dims
 
-__all__ = ["generate_video", "ardf_forward", "FrameRecord", "VideoResult", "position_dims", "history_tube", "MODES"]
+__all__ = ["generate_video", "ardf_forward", "FrameRecord", "VideoResult", "position_dims", "history_tube",
+           "still_masked", "MODES"]
 
 MODES = ("masked", "raster")
 
@@ -35,6 +36,14 @@ def history_tube(height: int, width: int, ratio: float, seed: int = 0) -> np.nda
     if k:
         tube[np.random.default_rng(seed).choice(cells, size=k, replace=False)] = True
     return tube.reshape(height, width)
+
+
+def still_masked(cells: int, it: int, steps: int, remaining: int) -> int:
+    """MaskGIT cosine schedule: how many of a frame's ``cells`` stay masked after iteration ``it`` of ``steps``,
+    when ``remaining`` are masked before it (every iteration unmasks at least one; the last unmasks all)."""
+    if it == steps - 1:
+        return 0
+    return max(0, min(math.floor(cells * math.cos(math.pi / 2 * (it + 1) / steps)), remaining - 1))
 
 
 def _positions(cache: CompactCache, tokens: slice, dims: int, rows: int) -> torch.Tensor:
@@ -203,14 +212,9 @@ def _masked_frame(forward, cache: CompactCache, sl: slice, layout: SequenceLayou
         with cache.frozen():
             logits = forward(sl, ids)[:, vis]
         tokens, conf = _sample(_guided(_colour_logits(logits, vocab), cfg_scale), temperature, gen)
-        remaining = int((~known).sum())
-        still_masked = math.floor(cells * math.cos(math.pi / 2 * (it + 1) / steps))
-        still_masked = max(0, min(still_masked, remaining - 1))
-        if it == steps - 1:
-            still_masked = 0
         conf = conf.masked_fill(known, float("inf"))
         order = conf.argsort(descending=True, stable=True)
-        newly = order[: cells - still_masked]
+        newly = order[: cells - still_masked(cells, it, steps, int((~known).sum()))]
         newly = newly[~known[newly]]
         grid[newly.numpy()] = tokens[newly].numpy()
         known[newly] = True

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import packcache.demo.train as train_module
-from packcache import SequenceLayout
+from packcache import FullCache, SequenceLayout
 from packcache.demo import (
     PLAIN,
     VOCAB,
@@ -30,6 +30,7 @@ from packcache.demo import (
 from packcache.demo.clips import COLOUR_NAMES, DIRECTIONS, GRID, OBJ, SCALES, Clip, visual_index
 from packcache.demo.train import TrainConfig, ardf_batch, train
 from packcache.rope import rotary_layout_of
+from packcache.runtime import generate_video
 
 
 def tiny_config(**kw) -> DemoVideoConfig:
@@ -279,6 +280,34 @@ def test_own_predictions_of_a_later_pass_see_the_previous_passes_frames():
     assert not np.array_equal(second, first), "a second pass that changes nothing tests nothing"
 
 
+def test_own_predictions_decoded_step_by_step_are_the_generated_video():
+    """With MaskGIT decoding and as many passes as generated frames, the parallel training-time rollout is
+    free-running generation: the reference is :func:`generate_video` over the compact-cache runtime."""
+    model = load_demo_model()
+    clips = make_clips([3, 4], 5)
+    decoded, confidence = train_module._own_predictions(model, clips, passes=4, steps=8)
+    for clip, frames in zip(clips, decoded):
+        video = generate_video(model, clip.text, clip.frames[0], 5, FullCache(), steps=8, cfg_scale=1.0,
+                               progress=False)
+        np.testing.assert_array_equal(frames, video.frames[1:].reshape(4, -1))
+    # kept-first cells rank higher: the 2 cells the first of 8 iterations keeps (64 cos(pi / 16) = 62 stay masked)
+    first_kept = confidence > 8
+    assert (first_kept.sum(-1) == 2).all() and (confidence > 0).all()
+    one_shot, _ = train_module._own_predictions(model, clips, passes=4)
+    assert not np.array_equal(one_shot, decoded), "step-by-step decoding that equals one shot tests nothing"
+
+
+def test_ardf_batch_queries_set_the_masked_copies():
+    clips = make_clips([3, 4], 3)
+    queries = np.stack([c.frames[1:].reshape(2, -1) for c in clips])
+    queries[:, :, :10] = VOCAB.mask
+    queries[0, 1, 20] = (queries[0, 1, 20] + 1) % VOCAB.num_colours  # a kept cell the model got wrong stays wrong
+    b = ardf_batch(clips, queries=queries)
+    np.testing.assert_array_equal(b.ids[:, b.query_at].numpy(), queries)
+    np.testing.assert_array_equal(b.masked.numpy(), queries == VOCAB.mask)
+    np.testing.assert_array_equal(b.targets.numpy(), np.stack([c.frames[1:].reshape(2, -1) for c in clips]))
+
+
 def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatch):
     out = tmp_path / "model"
     out.mkdir()
@@ -296,7 +325,8 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
                         lambda seeds, frames, **kw: turn_probs.append((frames, kw.get("turn_prob", 0.0)))
                         or clips_of(seeds, frames, **kw))
     cfg = TrainConfig(steps=3, batch=2, frames=3, warmup=1, eval_every=3, eval_clips=2, attention="blocks",
-                      first_frame_batch=2, own_history_prob=0.5, confidence_mask_prob=0.5, min_mask_ratio=0.1,
+                      first_frame_batch=2, own_history_prob=0.5, own_history_steps=2, confidence_mask_prob=0.5,
+                      min_mask_ratio=0.1,
                       free_running_from=0.5, prompt_gap_max=3, history_window_prob=1.0, history_window_max=1,
                       turn_prob=0.2)
     train(cfg, out, model_config=tiny_config(), log=io.StringIO())
@@ -318,6 +348,7 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
     (["--turn-prob", "1.5"], "turn_prob must lie in [0, 1]"),
     (["--condition-gap", "0"], "condition_gap must be >= 1"),
     (["--own-history-passes", "0"], "own_history_passes must be >= 1"),
+    (["--own-history-steps", "-1"], "own_history_steps must be >= 0"),
     (["--init", "no/such/dir"], "--init no/such/dir: no checkpoint there"),
 ])
 def test_training_command_rejects_bad_options_in_one_line(tmp_path, capsys, args, message):

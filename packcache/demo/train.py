@@ -31,10 +31,13 @@ and a partly decoded frame whose visible cells are the ones it was surest of. ``
 the past frames of a fraction p of the clips by the model's own greedy predictions (parallel scheduled
 sampling; targets stay the true frames). ``--own-history-passes n`` predicts n times, each pass from the
 previous pass's frames, so that the past carries errors compounded over up to n generated frames, as it does
-free-running. ``--confidence-mask-prob p`` makes a fraction p of the partly masked clips hide each frame's least
-confident cells instead of a random tube, as MaskGIT decoding leaves them (``--min-mask-ratio`` down to 0.1
-reaches its last iterations). Both need extra no-grad forwards (one per pass); ``--free-running-from f`` turns
-them on only for the last 1 - f of the steps, once the model's frames are good.
+free-running. ``--own-history-steps K`` decodes those frames as generation does, by K greedy MaskGIT iterations
+(one pass per generated frame reproduces the free-running video exactly), instead of one greedy shot whose cells
+are all chosen at once. ``--confidence-mask-prob p`` makes a fraction p of the partly masked clips hide each
+frame's least confident cells instead of a random tube, as MaskGIT decoding leaves them (``--min-mask-ratio``
+down to 0.1 reaches its last iterations). Both need extra no-grad forwards (one per pass, K per pass with
+``--own-history-steps``); ``--free-running-from f`` turns them on only for the last 1 - f of the steps, once
+the model's frames are good.
 
 Every demo prompt is 6 tokens long, so a model can find the prompt by relative position alone.
 ``--prompt-gap-max G`` shifts every position after the prompt by a random 0..G per step, as a prompt up to G
@@ -96,6 +99,7 @@ from packcache.demo.clips import (
 )
 from packcache.demo.model import DemoVideoConfig, DemoVideoModel, ardf_mask
 from packcache.progress import ProgressBar
+from packcache.runtime import still_masked
 
 __all__ = ["TrainConfig", "ArdfBatch", "ardf_batch", "batch_logits", "evaluate", "prompt_direction_gain", "train",
            "heldout_seeds", "main"]
@@ -139,6 +143,7 @@ class TrainConfig:
     min_mask_ratio: float = 0.3  # a partly masked frame hides U(min_mask_ratio, 1) of its cells
     own_history_prob: float = 0.0  # clips whose past frames 1.. are the model's own predictions (scheduled sampling)
     own_history_passes: int = 1  # pass n predicts from pass n-1's frames: errors compounded over up to n frames
+    own_history_steps: int = 0  # own frames decoded by this many MaskGIT iterations, as generation does (0: one-shot)
     confidence_mask_prob: float = 0.0  # partly masked clips that hide their least confident cells (MaskGIT states)
     free_running_from: float = 0.0  # the two options above apply from this fraction of the steps on
     prompt_gap_max: int = 0  # each step shifts every position after the prompt by U{0..max}, as a longer prompt would
@@ -164,6 +169,8 @@ class TrainConfig:
             raise ValueError(f"history_window_max must be >= 1 frame, got {self.history_window_max}")
         if self.own_history_passes < 1:
             raise ValueError(f"own_history_passes must be >= 1, got {self.own_history_passes}")
+        if self.own_history_steps < 0:
+            raise ValueError(f"own_history_steps must be >= 0, got {self.own_history_steps}")
         if self.condition_gap < 1:
             raise ValueError(f"condition_gap must be >= 1, got {self.condition_gap}")
 
@@ -207,7 +214,8 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
                full_mask_prob: float = 1.0, min_mask_ratio: float = 0.3, history_mask_prob: float = 0.0,
                history_mask_max: float = 0.0, history_noise_prob: float = 0.0, history_noise_max: float = 0.0,
                text_dropout: float = 0.0, past: np.ndarray | None = None, confidence: np.ndarray | None = None,
-               prompt_gap: int = 0, history_window: int = 0, clip_format: ClipFormat = PLAIN) -> ArdfBatch:
+               prompt_gap: int = 0, history_window: int = 0, queries: np.ndarray | None = None,
+               clip_format: ClipFormat = PLAIN) -> ArdfBatch:
     """Build the teacher-forced sequence ``text | clean frames 0..T-2 | masked copies of frames 1..T-1`` (the
     text followed by the prefix specials of ``clip_format``, at its positions).
 
@@ -222,7 +230,9 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
     (frames 1.., never the condition), a past that is wrong where it does not look masked. ``prompt_gap`` adds
     that many to the t, h and w positions of every token after the prompt, where a prompt that many tokens longer
     would put them. ``history_window`` w > 0 hides from every frame the history frames more than w frames back
-    (the condition frame and the text stay visible), as a sliding-window cache does.
+    (the condition frame and the text stay visible), as a sliding-window cache does. ``queries [B, T-1, H*W]``
+    sets the masked copies themselves (``VOCAB.mask`` where hidden), as a partly decoded frame is during MaskGIT
+    decoding; it overrides the query masking.
     """
     rng = rng or np.random.default_rng(0)
     frames = clips[0].frames.shape[0]
@@ -256,7 +266,9 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
             ratio = 1.0 if rng.random() < full_mask_prob else rng.uniform(min_mask_ratio, 1.0)
         else:
             ratio = query_ratio
-        if ratio < 1.0 and confidence is not None and np.isfinite(confidence[j]).all():
+        if queries is not None:
+            qmask = queries[j] == VOCAB.mask
+        elif ratio < 1.0 and confidence is not None and np.isfinite(confidence[j]).all():
             hide = np.argsort(confidence[j], axis=1, kind="stable")[:, : _hidden_count(ratio)]
             qmask = np.zeros((frames - 1, f.shape[1]), dtype=bool)
             np.put_along_axis(qmask, hide, True, axis=1)
@@ -270,7 +282,7 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
         if history_mask_prob and rng.random() < history_mask_prob:
             htube = _tube(rng, rng.uniform(0.0, history_mask_max))
             hist[1:, htube] = VOCAB.mask
-        q = f[1:].copy()
+        q = (f[1:] if queries is None else queries[j]).copy()
         q[qmask] = VOCAB.mask
         text_ids = VOCAB.null_prompt(len(clip.text)) if rng.random() < text_dropout else clip.text
         seq = [text_ids, clip_format.prefix_ids] + [frame_token_ids(g.reshape(GRID, GRID)) for g in hist]
@@ -343,19 +355,49 @@ def prompt_direction_gain(model: DemoVideoModel, clips: list[Clip], *, batch: in
 
 
 @torch.no_grad()
-def _own_predictions(model: DemoVideoModel, clips: list[Clip], passes: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def _own_predictions(model: DemoVideoModel, clips: list[Clip], passes: int = 1, steps: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """The model's greedy prediction of frames 1..T-1 and the confidence of each predicted cell: ``[B, T-1, H*W]``
     each. The first pass predicts from the clean past, each further pass from the previous pass's frames, so that
-    after ``passes`` passes a frame carries the errors of up to that many generated frames, as free-running."""
+    after ``passes`` passes a frame carries the errors of up to that many generated frames, as free-running.
+    ``steps`` > 0 decodes each frame as generation does (:func:`_maskgit_decode`), else in one shot."""
     clip_format = ClipFormat.of(model.config)
     condition = np.stack([c.frames[:1].reshape(1, -1) for c in clips])
     predicted = None
     for _ in range(passes):
         past = None if predicted is None else np.concatenate([condition, predicted], axis=1)
+        if steps:
+            predicted, confidence = _maskgit_decode(model, clips, past, steps, clip_format)
+            continue
         confidence, predicted = batch_logits(model, ardf_batch(clips, past=past, clip_format=clip_format)
                                              ).float().softmax(-1).max(-1)
-        predicted = predicted.numpy()
-    return predicted, confidence.numpy()
+        predicted, confidence = predicted.numpy(), confidence.numpy()
+    return predicted, confidence
+
+
+def _maskgit_decode(model: DemoVideoModel, clips: list[Clip], past: np.ndarray | None, steps: int,
+                    clip_format: ClipFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Frames 1..T-1 of every clip decoded in parallel from ``past`` (clean frames if None) by the greedy MaskGIT
+    loop of :func:`packcache.runtime.generate_video` (cosine schedule, most confident cells kept first, no
+    guidance). Returns the frames and a confidence per cell that orders cells by when they were kept (earlier:
+    higher), then by the probability they were kept with: ``[B, T-1, H*W]`` each."""
+    n, frames, cells = len(clips), clips[0].frames.shape[0] - 1, GRID * GRID
+    grid = np.full((n, frames, cells), VOCAB.mask, dtype=np.int64)
+    confidence = np.zeros((n, frames, cells))
+    known = np.zeros((n, frames, cells), dtype=bool)
+    for it in range(steps):
+        probs, tokens = batch_logits(model, ardf_batch(clips, past=past, queries=grid, clip_format=clip_format)
+                                     ).float().softmax(-1).max(-1)
+        probs, tokens = probs.numpy(), tokens.numpy()
+        keep = cells - still_masked(cells, it, steps, cells - int(known[0, 0].sum()))
+        order = np.argsort(-np.where(known, np.inf, probs), axis=-1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(cells), axis=-1)
+        newly = (rank < keep) & ~known
+        grid[newly] = tokens[newly]
+        confidence[newly] = steps - it + probs[newly]
+        known |= newly
+    return grid, confidence
 
 
 def _weighted_loss(model: DemoVideoModel, batch: ArdfBatch, changed_weight: float) -> torch.Tensor:
@@ -411,7 +453,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
         if cfg.history_window_prob and rng.random() < cfg.history_window_prob:
             window = int(rng.integers(1, cfg.history_window_max + 1))
         if (cfg.own_history_prob or cfg.confidence_mask_prob) and step >= cfg.free_running_from * cfg.steps:
-            predicted, confidence = _own_predictions(model, clips, cfg.own_history_passes)
+            predicted, confidence = _own_predictions(model, clips, cfg.own_history_passes, cfg.own_history_steps)
             past = np.stack([c.frames.reshape(cfg.frames, -1) for c in clips])
             own = rng.random(len(clips)) < cfg.own_history_prob
             past[own, 1:] = predicted[own]
