@@ -325,8 +325,8 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
                         lambda seeds, frames, **kw: turn_probs.append((frames, kw.get("turn_prob", 0.0)))
                         or clips_of(seeds, frames, **kw))
     cfg = TrainConfig(steps=3, batch=2, frames=3, warmup=1, eval_every=3, eval_clips=2, attention="blocks",
-                      first_frame_batch=2, own_history_prob=0.5, own_history_steps=2, confidence_mask_prob=0.5,
-                      min_mask_ratio=0.1,
+                      first_frame_batch=2, own_history_prob=0.5, own_history_steps=2, own_partial_prob=0.5,
+                      confidence_mask_prob=0.5, min_mask_ratio=0.1,
                       free_running_from=0.5, prompt_gap_max=3, history_window_prob=1.0, history_window_max=1,
                       turn_prob=0.2)
     train(cfg, out, model_config=tiny_config(), log=io.StringIO())
@@ -342,6 +342,28 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
     assert "packcache_ardf_blocks" not in (out / "config.json").read_text()
 
 
+def test_own_partial_frames_show_the_models_surest_cells():
+    rng = np.random.default_rng(0)
+    predicted = rng.integers(VOCAB.num_colours, size=(3, 2, GRID * GRID))
+    confidence = rng.random((3, 2, GRID * GRID))
+    queries = train_module._own_partial_frames(predicted, confidence, np.array([True, False, True]), rng, 0.1)
+    assert (queries[1] == -1).all()
+    for j in (0, 2):
+        hidden = queries[j] == VOCAB.mask
+        counts = hidden.sum(-1)
+        assert counts[0] == counts[1] and GRID * GRID * 0.1 - 1 <= counts[0] <= GRID * GRID
+        np.testing.assert_array_equal(queries[j][~hidden], predicted[j][~hidden])
+        for f in range(2):  # the hidden cells are the least confident of their frame
+            assert confidence[j, f][hidden[f]].max() < confidence[j, f][~hidden[f]].min()
+    # the batch shows those frames to the given clips only, and still targets the true frames
+    clips = make_clips([3, 4, 5], 3)
+    b = ardf_batch(clips, rng, query_ratio=None, full_mask_prob=1.0, queries=queries)
+    shown = b.ids[:, b.query_at].numpy()
+    np.testing.assert_array_equal(shown[[0, 2]], queries[[0, 2]])
+    assert (shown[1] == VOCAB.mask).all()
+    np.testing.assert_array_equal(b.targets.numpy(), np.stack([c.frames[1:].reshape(2, -1) for c in clips]))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--attention", "dense"], "attention must be 'sdpa' or 'blocks'"),
     (["--history-window-prob", "0.5", "--history-window-max", "0"], "history_window_max must be >= 1"),
@@ -349,6 +371,7 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
     (["--condition-gap", "0"], "condition_gap must be >= 1"),
     (["--own-history-passes", "0"], "own_history_passes must be >= 1"),
     (["--own-history-steps", "-1"], "own_history_steps must be >= 0"),
+    (["--own-partial-prob", "0.5", "--own-history-passes", "2"], "own_partial_prob needs own_history_passes 1"),
     (["--init", "no/such/dir"], "--init no/such/dir: no checkpoint there"),
 ])
 def test_training_command_rejects_bad_options_in_one_line(tmp_path, capsys, args, message):

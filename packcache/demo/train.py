@@ -33,8 +33,10 @@ sampling; targets stay the true frames). ``--own-history-passes n`` predicts n t
 previous pass's frames, so that the past carries errors compounded over up to n generated frames, as it does
 free-running. ``--own-history-steps K`` decodes those frames as generation does, by K greedy MaskGIT iterations
 (one pass per generated frame reproduces the free-running video exactly), instead of one greedy shot whose cells
-are all chosen at once. ``--confidence-mask-prob p`` makes a fraction p of the partly masked clips hide each
-frame's least confident cells instead of a random tube, as MaskGIT decoding leaves them (``--min-mask-ratio``
+are all chosen at once. ``--own-partial-prob p`` shows a fraction p of the other clips' masked frames as MaskGIT
+leaves them half-way: the model's own surest cells visible, the rest hidden (targets stay the true frames).
+``--confidence-mask-prob p`` makes a fraction p of the partly masked clips hide each frame's least confident
+cells instead of a random tube, as MaskGIT decoding leaves them, but showing the true cells (``--min-mask-ratio``
 down to 0.1 reaches its last iterations). Both need extra no-grad forwards (one per pass, K per pass with
 ``--own-history-steps``); ``--free-running-from f`` turns them on only for the last 1 - f of the steps, once
 the model's frames are good.
@@ -144,6 +146,7 @@ class TrainConfig:
     own_history_prob: float = 0.0  # clips whose past frames 1.. are the model's own predictions (scheduled sampling)
     own_history_passes: int = 1  # pass n predicts from pass n-1's frames: errors compounded over up to n frames
     own_history_steps: int = 0  # own frames decoded by this many MaskGIT iterations, as generation does (0: one-shot)
+    own_partial_prob: float = 0.0  # clean-past clips whose partly masked frames show the model's own surest cells
     confidence_mask_prob: float = 0.0  # partly masked clips that hide their least confident cells (MaskGIT states)
     free_running_from: float = 0.0  # the two options above apply from this fraction of the steps on
     prompt_gap_max: int = 0  # each step shifts every position after the prompt by U{0..max}, as a longer prompt would
@@ -171,6 +174,9 @@ class TrainConfig:
             raise ValueError(f"own_history_passes must be >= 1, got {self.own_history_passes}")
         if self.own_history_steps < 0:
             raise ValueError(f"own_history_steps must be >= 0, got {self.own_history_steps}")
+        if self.own_partial_prob and self.own_history_passes > 1:
+            raise ValueError("own_partial_prob needs own_history_passes 1 (its frames must be decoded from the "
+                             "clean past the clip shows)")
         if self.condition_gap < 1:
             raise ValueError(f"condition_gap must be >= 1, got {self.condition_gap}")
 
@@ -204,6 +210,14 @@ def _hidden_count(ratio: float) -> int:
     return min(n, max(1, int(round(ratio * n))))
 
 
+def _least_confident(confidence: np.ndarray, ratio: float) -> np.ndarray:
+    """The cells a mask of ``ratio`` hides in each frame of ``confidence [T, H*W]``: the least confident ones."""
+    hide = np.argsort(confidence, axis=1, kind="stable")[:, : _hidden_count(ratio)]
+    mask = np.zeros(confidence.shape, dtype=bool)
+    np.put_along_axis(mask, hide, True, axis=1)
+    return mask
+
+
 def _tube(rng: np.random.Generator, ratio: float) -> np.ndarray:
     cells = np.zeros(GRID * GRID, dtype=bool)
     cells[rng.choice(cells.size, size=_hidden_count(ratio), replace=False)] = True
@@ -232,7 +246,7 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
     would put them. ``history_window`` w > 0 hides from every frame the history frames more than w frames back
     (the condition frame and the text stay visible), as a sliding-window cache does. ``queries [B, T-1, H*W]``
     sets the masked copies themselves (``VOCAB.mask`` where hidden), as a partly decoded frame is during MaskGIT
-    decoding; it overrides the query masking.
+    decoding; it overrides the query masking of the clips whose row it gives (rows of -1 give none).
     """
     rng = rng or np.random.default_rng(0)
     frames = clips[0].frames.shape[0]
@@ -266,12 +280,11 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
             ratio = 1.0 if rng.random() < full_mask_prob else rng.uniform(min_mask_ratio, 1.0)
         else:
             ratio = query_ratio
-        if queries is not None:
+        given = queries is not None and (queries[j] >= 0).all()
+        if given:
             qmask = queries[j] == VOCAB.mask
         elif ratio < 1.0 and confidence is not None and np.isfinite(confidence[j]).all():
-            hide = np.argsort(confidence[j], axis=1, kind="stable")[:, : _hidden_count(ratio)]
-            qmask = np.zeros((frames - 1, f.shape[1]), dtype=bool)
-            np.put_along_axis(qmask, hide, True, axis=1)
+            qmask = _least_confident(confidence[j], ratio)
         else:
             qmask = np.broadcast_to(_tube(rng, ratio), (frames - 1, f.shape[1]))
         hist = (f if past is None else past[j].reshape(frames, -1))[: frames - 1].copy()
@@ -282,7 +295,7 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
         if history_mask_prob and rng.random() < history_mask_prob:
             htube = _tube(rng, rng.uniform(0.0, history_mask_max))
             hist[1:, htube] = VOCAB.mask
-        q = (f[1:] if queries is None else queries[j]).copy()
+        q = (queries[j] if given else f[1:]).copy()
         q[qmask] = VOCAB.mask
         text_ids = VOCAB.null_prompt(len(clip.text)) if rng.random() < text_dropout else clip.text
         seq = [text_ids, clip_format.prefix_ids] + [frame_token_ids(g.reshape(GRID, GRID)) for g in hist]
@@ -400,6 +413,18 @@ def _maskgit_decode(model: DemoVideoModel, clips: list[Clip], past: np.ndarray |
     return grid, confidence
 
 
+def _own_partial_frames(predicted: np.ndarray, confidence: np.ndarray, chosen: np.ndarray, rng: np.random.Generator,
+                        min_mask_ratio: float) -> np.ndarray:
+    """Frames half-way through MaskGIT decoding, for the ``queries`` of :func:`ardf_batch`: each chosen clip hides
+    the least confident U(min_mask_ratio, 1) of every frame's cells and shows the model's own ``predicted`` tokens
+    in the rest; the other clips' rows are -1 (none given)."""
+    queries = np.full_like(predicted, -1)
+    for j in np.flatnonzero(chosen):
+        hidden = _least_confident(confidence[j], rng.uniform(min_mask_ratio, 1.0))
+        queries[j] = np.where(hidden, VOCAB.mask, predicted[j])
+    return queries
+
+
 def _weighted_loss(model: DemoVideoModel, batch: ArdfBatch, changed_weight: float) -> torch.Tensor:
     """Cross-entropy on the masked cells, ``changed_weight`` times on the cells that change."""
     ce = F.cross_entropy(batch_logits(model, batch).flatten(0, 2), batch.targets.flatten(), reduction="none")
@@ -447,22 +472,26 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
             g["lr"] = _lr(step, cfg)
         clips = make_clips([_train_seed(cfg.seed, step, i, cfg.batch) for i in range(cfg.batch)], cfg.frames,
                            turn_prob=cfg.turn_prob)
-        past = confidence = None
+        past = confidence = queries = None
         gaps = rng.integers(0, cfg.prompt_gap_max + 1, size=2) if cfg.prompt_gap_max else (0, 0)
         window = 0
         if cfg.history_window_prob and rng.random() < cfg.history_window_prob:
             window = int(rng.integers(1, cfg.history_window_max + 1))
-        if (cfg.own_history_prob or cfg.confidence_mask_prob) and step >= cfg.free_running_from * cfg.steps:
+        if (cfg.own_history_prob or cfg.confidence_mask_prob or cfg.own_partial_prob) and \
+                step >= cfg.free_running_from * cfg.steps:
             predicted, confidence = _own_predictions(model, clips, cfg.own_history_passes, cfg.own_history_steps)
             past = np.stack([c.frames.reshape(cfg.frames, -1) for c in clips])
             own = rng.random(len(clips)) < cfg.own_history_prob
             past[own, 1:] = predicted[own]
+            if cfg.own_partial_prob:
+                chosen = ~own & (rng.random(len(clips)) < cfg.own_partial_prob)
+                queries = _own_partial_frames(predicted, confidence, chosen, rng, cfg.min_mask_ratio)
             confidence[rng.random(len(clips)) >= cfg.confidence_mask_prob] = np.inf
         b = ardf_batch(clips, rng, query_ratio=None, full_mask_prob=cfg.full_mask_prob,
                        min_mask_ratio=cfg.min_mask_ratio, history_mask_prob=cfg.history_mask_prob,
                        history_mask_max=cfg.history_mask_max, history_noise_prob=cfg.history_noise_prob,
                        history_noise_max=cfg.history_noise_max, text_dropout=cfg.text_dropout, past=past,
-                       confidence=confidence, prompt_gap=int(gaps[0]), history_window=window,
+                       confidence=confidence, prompt_gap=int(gaps[0]), history_window=window, queries=queries,
                        clip_format=cfg.clip_format)
         loss = _weighted_loss(model, b, weight)
         if cfg.first_frame_batch:  # frame 1 from the condition and the prompt alone: keeps the prompt's motion read
