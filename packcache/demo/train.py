@@ -37,9 +37,9 @@ are all chosen at once. ``--own-partial-prob p`` shows a fraction p of the other
 leaves them half-way: the model's own surest cells visible, the rest hidden (targets stay the true frames).
 ``--confidence-mask-prob p`` makes a fraction p of the partly masked clips hide each frame's least confident
 cells instead of a random tube, as MaskGIT decoding leaves them, but showing the true cells (``--min-mask-ratio``
-down to 0.1 reaches its last iterations). Both need extra no-grad forwards (one per pass, K per pass with
-``--own-history-steps``); ``--free-running-from f`` turns them on only for the last 1 - f of the steps, once
-the model's frames are good.
+down to 0.1 reaches its last iterations). All of these need extra no-grad forwards (one per pass, K per pass
+with ``--own-history-steps``); ``--free-running-from f`` turns them on only for the last 1 - f of the steps,
+once the model's frames are good.
 
 Every demo prompt is 6 tokens long, so a model can find the prompt by relative position alone.
 ``--prompt-gap-max G`` shifts every position after the prompt by a random 0..G per step, as a prompt up to G
@@ -148,7 +148,7 @@ class TrainConfig:
     own_history_steps: int = 0  # own frames decoded by this many MaskGIT iterations, as generation does (0: one-shot)
     own_partial_prob: float = 0.0  # clean-past clips whose partly masked frames show the model's own surest cells
     confidence_mask_prob: float = 0.0  # partly masked clips that hide their least confident cells (MaskGIT states)
-    free_running_from: float = 0.0  # the two options above apply from this fraction of the steps on
+    free_running_from: float = 0.0  # the own-frame and confidence options above apply from this fraction on
     prompt_gap_max: int = 0  # each step shifts every position after the prompt by U{0..max}, as a longer prompt would
     history_window_prob: float = 0.0  # steps whose frames see only the last U{1..max} history frames (+ condition)
     history_window_max: int = 2
