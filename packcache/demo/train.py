@@ -24,7 +24,7 @@ Frame 1 is the only frame whose motion the prompt alone tells. Trained on whole 
 read the directions (frame 1 scores the same with them reversed) and predicts a ring around each object. Trained
 on frame 1 alone (``--frames 2 --full-mask-prob 1.0``) it learns them after 750-1,000 steps, and
 ``--first-frame-batch N`` adds N such frame-1 clips to every step of whole-clip training, which otherwise erases
-the skill (README, "What was tried for a better video").
+the skill (packcache/demo/README.md).
 
 Free-running, a model meets two states teacher forcing never shows it: a past made of its own (imperfect) frames,
 and a partly decoded frame whose visible cells are the ones it was surest of. ``--own-history-prob p`` replaces
