@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -261,6 +262,26 @@ def test_ardf_batch_prompt_gap_puts_the_frames_where_a_longer_prompt_would():
     np.testing.assert_array_equal(shifted.position_ids[:, 0, text:].numpy(), longer.pos3d[order].T)
 
 
+@pytest.mark.parametrize("stride", [2, 4])
+def test_ardf_batch_time_stride_puts_the_frames_where_a_lower_frame_rate_would(stride):
+    """Independent reference: a layout whose time axis advances ``stride`` per frame, with the condition frame
+    32 // stride of those steps back, has frame 1 where the 32-step gap puts it and every later frame ``stride``
+    steps after the previous one."""
+    fmt = ClipFormat(video_start=True, condition_gap=32)
+    frames = 4
+    clips = make_clips(range(2), frames)
+    plain, strided = ardf_batch(clips, clip_format=fmt), ardf_batch(clips, clip_format=fmt, time_stride=stride)
+    assert torch.equal(strided.ids, plain.ids) and torch.equal(strided.mask, plain.mask)
+    layout = clip_layout(frames, clip_format=fmt)
+    slower = dataclasses.replace(layout, scales=(stride, *layout.scales[1:]), cond_time_gap=32 // stride)
+    order = np.concatenate([np.arange(layout.first_frame_token)]
+                           + [np.arange(layout.frame_slice(f).start, layout.frame_slice(f).stop)
+                              for f in [*range(frames - 1), *range(1, frames)]])
+    np.testing.assert_array_equal(strided.position_ids[:, 0].numpy(), slower.pos3d[order].T)
+    moved = (strided.position_ids != plain.position_ids).any(0)[0]
+    assert moved.any() and not moved[: layout.first_frame_token + 2 * layout.tokens_per_frame].any()
+
+
 def test_own_predictions_of_a_later_pass_see_the_previous_passes_frames():
     model = load_demo_model()  # a trained model: a random one predicts one colour everywhere, in every pass
     clips = make_clips([3, 4], 4)
@@ -315,10 +336,11 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
     own_steps = []
     predictions = train_module._own_predictions
     monkeypatch.setattr(train_module, "_own_predictions", lambda *a: own_steps.append(1) or predictions(*a))
-    windows = []
+    windows, strides = [], []
     batch = train_module.ardf_batch
     monkeypatch.setattr(train_module, "ardf_batch",
-                        lambda clips, *a, **kw: windows.append(kw.get("history_window", 0)) or batch(clips, *a, **kw))
+                        lambda clips, *a, **kw: windows.append(kw.get("history_window", 0))
+                        or strides.append(kw.get("time_stride", 1)) or batch(clips, *a, **kw))
     turn_probs = []
     clips_of = train_module.make_clips
     monkeypatch.setattr(train_module, "make_clips",
@@ -328,12 +350,13 @@ def test_training_runs_and_writes_the_checkpoint_atomically(tmp_path, monkeypatc
                       first_frame_batch=2, own_history_prob=0.5, own_history_steps=2, own_partial_prob=0.5,
                       confidence_mask_prob=0.5, min_mask_ratio=0.1,
                       free_running_from=0.5, prompt_gap_max=3, history_window_prob=1.0, history_window_max=1,
-                      turn_prob=0.2)
+                      time_stride_prob=1.0, time_stride_max=3, turn_prob=0.2)
     train(cfg, out, model_config=tiny_config(), log=io.StringIO())
     # whole clips (training and the 13-frame log) turn; the frame-1 clips need not, their frames 0-1 never turn
     assert {p for frames, p in turn_probs if frames != 2} == {0.2} and turn_probs[0] == (13, 0.2), turn_probs
     assert len(own_steps) == 1, "own predictions only in the steps from free_running_from on (step 2 of 0..2)"
     assert windows.count(1) == 3, "every training step's whole-clip batch sees one history frame"
+    assert sum(s in (2, 3) for s in strides) == 3 and strides.count(1) == len(strides) - 3, strides
     assert (out / "model.safetensors").is_file() and not (out / "stale.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
     log = (out / "train_log.json").read_text()
@@ -368,6 +391,7 @@ def test_own_partial_frames_show_the_models_surest_cells():
     (["--attention", "dense"], "attention must be 'sdpa' or 'blocks'"),
     (["--history-window-prob", "0.5", "--history-window-max", "0"], "history_window_max must be >= 1"),
     (["--turn-prob", "1.5"], "turn_prob must lie in [0, 1]"),
+    (["--time-stride-prob", "0.5", "--time-stride-max", "1"], "time_stride_max must be >= 2"),
     (["--condition-gap", "0"], "condition_gap must be >= 1"),
     (["--own-history-passes", "0"], "own_history_passes must be >= 1"),
     (["--own-history-steps", "-1"], "own_history_steps must be >= 0"),

@@ -62,6 +62,12 @@ checkpoint's config records both, and every consumer (runtime, metrics, profiler
 model was trained on; ``--init`` must name a checkpoint of the same format. (Tried against the heads that attend
 3-5 frames back: with both, and ``G = 32``, history falls with distance; README.)
 
+``--time-stride-prob p`` spaces frames 1.. U{2..``--time-stride-max``} time steps apart, not 1, in a fraction p of
+the steps, as a clip sampled at a lower frame rate would sit (the condition frame and frame 1 keep their places).
+A head tuned to one temporal distance then finds a different frame there from step to step. (Tried against the
+heads that park on the farthest frame of the training length, d = 5 at k = 6: in a whole second stage, with
+stride 2 in half the steps, history falls with distance again; README.)
+
 ``--attention blocks`` computes the training attention block by block (:mod:`packcache.demo.block_attention`):
 the same attention up to float rounding, about a third of its FLOPs, 1.3x faster steps on 2 cores. The shipped
 checkpoint was trained with the default (one masked sdpa call), so that default reproduces it.
@@ -152,6 +158,8 @@ class TrainConfig:
     prompt_gap_max: int = 0  # each step shifts every position after the prompt by U{0..max}, as a longer prompt would
     history_window_prob: float = 0.0  # steps whose frames see only the last U{1..max} history frames (+ condition)
     history_window_max: int = 2
+    time_stride_prob: float = 0.0  # steps whose frames 1.. sit U{2..max} time steps apart (a lower frame rate)
+    time_stride_max: int = 2
     turn_prob: float = 0.0  # training and evaluation clips: objects turn at random after frame 1 (make_clip)
     video_start: bool = False  # sequence format (ClipFormat): <video_start> after the text
     condition_gap: int = 1  # sequence format (ClipFormat): time steps from the condition frame to frame 1
@@ -170,6 +178,8 @@ class TrainConfig:
             raise ValueError(f"turn_prob must lie in [0, 1], got {self.turn_prob}")
         if self.history_window_prob and self.history_window_max < 1:
             raise ValueError(f"history_window_max must be >= 1 frame, got {self.history_window_max}")
+        if self.time_stride_prob and self.time_stride_max < 2:
+            raise ValueError(f"time_stride_max must be >= 2, got {self.time_stride_max}")
         if self.own_history_passes < 1:
             raise ValueError(f"own_history_passes must be >= 1, got {self.own_history_passes}")
         if self.own_history_steps < 0:
@@ -228,8 +238,8 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
                full_mask_prob: float = 1.0, min_mask_ratio: float = 0.3, history_mask_prob: float = 0.0,
                history_mask_max: float = 0.0, history_noise_prob: float = 0.0, history_noise_max: float = 0.0,
                text_dropout: float = 0.0, past: np.ndarray | None = None, confidence: np.ndarray | None = None,
-               prompt_gap: int = 0, history_window: int = 0, queries: np.ndarray | None = None,
-               clip_format: ClipFormat = PLAIN) -> ArdfBatch:
+               prompt_gap: int = 0, history_window: int = 0, time_stride: int = 1,
+               queries: np.ndarray | None = None, clip_format: ClipFormat = PLAIN) -> ArdfBatch:
     """Build the teacher-forced sequence ``text | clean frames 0..T-2 | masked copies of frames 1..T-1`` (the
     text followed by the prefix specials of ``clip_format``, at its positions).
 
@@ -244,7 +254,8 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
     (frames 1.., never the condition), a past that is wrong where it does not look masked. ``prompt_gap`` adds
     that many to the t, h and w positions of every token after the prompt, where a prompt that many tokens longer
     would put them. ``history_window`` w > 0 hides from every frame the history frames more than w frames back
-    (the condition frame and the text stay visible), as a sliding-window cache does. ``queries [B, T-1, H*W]``
+    (the condition frame and the text stay visible), as a sliding-window cache does. ``time_stride`` s > 1 spaces
+    frames 1.. s time steps apart: frame f >= 1 moves by (s - 1)(f - 1) on the time axis. ``queries [B, T-1, H*W]``
     sets the masked copies themselves (``VOCAB.mask`` where hidden), as a partly decoded frame is during MaskGIT
     decoding; it overrides the query masking of the clips whose row it gives (rows of -1 give none).
     """
@@ -269,6 +280,9 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
         mask[0, 0][far] = torch.finfo(mask.dtype).min
     pos = layout.pos3d[index]
     pos[layout.text_tokens:] += prompt_gap
+    if time_stride > 1:
+        frame_of = layout.frame[index]
+        pos[:, 0] += np.where(frame_of >= 1, (time_stride - 1) * (frame_of - 1), 0)
     position_ids = torch.from_numpy(np.ascontiguousarray(pos.T)).view(3, 1, -1)
     vis = visual_index(layout)
     tpf = layout.tokens_per_frame
@@ -477,6 +491,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
         window = 0
         if cfg.history_window_prob and rng.random() < cfg.history_window_prob:
             window = int(rng.integers(1, cfg.history_window_max + 1))
+        stride = 1
+        if cfg.time_stride_prob and rng.random() < cfg.time_stride_prob:
+            stride = int(rng.integers(2, cfg.time_stride_max + 1))
         if (cfg.own_history_prob or cfg.confidence_mask_prob or cfg.own_partial_prob) and \
                 step >= cfg.free_running_from * cfg.steps:
             predicted, confidence = _own_predictions(model, clips, cfg.own_history_passes, cfg.own_history_steps)
@@ -491,8 +508,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
                        min_mask_ratio=cfg.min_mask_ratio, history_mask_prob=cfg.history_mask_prob,
                        history_mask_max=cfg.history_mask_max, history_noise_prob=cfg.history_noise_prob,
                        history_noise_max=cfg.history_noise_max, text_dropout=cfg.text_dropout, past=past,
-                       confidence=confidence, prompt_gap=int(gaps[0]), history_window=window, queries=queries,
-                       clip_format=cfg.clip_format)
+                       confidence=confidence, prompt_gap=int(gaps[0]), history_window=window, time_stride=stride,
+                       queries=queries, clip_format=cfg.clip_format)
         loss = _weighted_loss(model, b, weight)
         if cfg.first_frame_batch:  # frame 1 from the condition and the prompt alone: keeps the prompt's motion read
             pairs = make_clips([_train_seed(cfg.seed, step, i, cfg.first_frame_batch) + FIRST_FRAME_SEED_OFFSET
