@@ -248,6 +248,14 @@ def test_ardf_batch_noises_history_colours_but_never_the_condition_frame():
     assert (b.ids[:, history][torch.from_numpy(differs)] < VOCAB.num_colours).all()
 
 
+def _training_order(layout: SequenceLayout) -> np.ndarray:
+    """Layout token indices in ardf_batch's order: text and prefix specials, clean frames 0..T-2, copies of 1..T-1."""
+    frames = layout.num_frames
+    return np.concatenate([np.arange(layout.first_frame_token)]
+                          + [np.arange(layout.frame_slice(f).start, layout.frame_slice(f).stop)
+                             for f in [*range(frames - 1), *range(1, frames)]])
+
+
 def test_ardf_batch_prompt_gap_puts_the_frames_where_a_longer_prompt_would():
     frames, gap = 3, 4
     clips = make_clips(range(2), frames)
@@ -257,8 +265,7 @@ def test_ardf_batch_prompt_gap_puts_the_frames_where_a_longer_prompt_would():
     assert torch.equal(shifted.position_ids[..., :text], plain.position_ids[..., :text])
     # the frames sit at the positions of a layout whose prompt is `gap` tokens longer
     longer = clip_layout(frames, text_tokens=text + gap)
-    order = np.concatenate([np.arange(longer.frame_slice(f).start, longer.frame_slice(f).stop)
-                            for f in [*range(frames - 1), *range(1, frames)]])
+    order = _training_order(longer)[longer.first_frame_token:]
     np.testing.assert_array_equal(shifted.position_ids[:, 0, text:].numpy(), longer.pos3d[order].T)
 
 
@@ -274,9 +281,7 @@ def test_ardf_batch_time_stride_puts_the_frames_where_a_lower_frame_rate_would(s
     assert torch.equal(strided.ids, plain.ids) and torch.equal(strided.mask, plain.mask)
     layout = clip_layout(frames, clip_format=fmt)
     slower = dataclasses.replace(layout, scales=(stride, *layout.scales[1:]), cond_time_gap=32 // stride)
-    order = np.concatenate([np.arange(layout.first_frame_token)]
-                           + [np.arange(layout.frame_slice(f).start, layout.frame_slice(f).stop)
-                              for f in [*range(frames - 1), *range(1, frames)]])
+    order = _training_order(layout)
     np.testing.assert_array_equal(strided.position_ids[:, 0].numpy(), slower.pos3d[order].T)
     moved = (strided.position_ids != plain.position_ids).any(0)[0]
     assert moved.any() and not moved[: layout.first_frame_token + 2 * layout.tokens_per_frame].any()
@@ -426,9 +431,7 @@ def test_ardf_batch_in_the_video_start_format_puts_the_sink_after_the_text_at_th
     layout = clip_layout(frames, clip_format=fmt)
     text = layout.text_tokens
     assert (batch.ids[:, text] == VOCAB.video_start).all()
-    order = np.concatenate([np.arange(layout.first_frame_token)]
-                           + [np.arange(layout.frame_slice(f).start, layout.frame_slice(f).stop)
-                              for f in [*range(frames - 1), *range(1, frames)]])
+    order = _training_order(layout)
     expected = layout.pos3d[order].T.copy()
     expected[:, text:] += 3  # the prompt gap moves everything after the prompt, the sink included
     np.testing.assert_array_equal(batch.position_ids[:, 0].numpy(), expected)

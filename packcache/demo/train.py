@@ -269,7 +269,8 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
                             for f in range(1, frames)])
     index = np.concatenate([text, clean, query])
     n_hist = len(text) + len(clean)
-    block = torch.from_numpy(layout.frame[index].copy())
+    frame_of = layout.frame[index]
+    block = torch.from_numpy(frame_of.copy())
     segment = block + 1
     segment[n_hist:] += 1000
     history = torch.zeros(len(index), dtype=torch.bool)
@@ -281,7 +282,6 @@ def ardf_batch(clips: list[Clip], rng: np.random.Generator | None = None, *, que
     pos = layout.pos3d[index]
     pos[layout.text_tokens:] += prompt_gap
     if time_stride > 1:
-        frame_of = layout.frame[index]
         pos[:, 0] += np.where(frame_of >= 1, (time_stride - 1) * (frame_of - 1), 0)
     position_ids = torch.from_numpy(np.ascontiguousarray(pos.T)).view(3, 1, -1)
     vis = visual_index(layout)
