@@ -64,9 +64,9 @@ model was trained on; ``--init`` must name a checkpoint of the same format. (Tri
 
 ``--time-stride-prob p`` spaces frames 1.. U{2..``--time-stride-max``} time steps apart, not 1, in a fraction p of
 the steps, as a clip sampled at a lower frame rate would sit (the condition frame and frame 1 keep their places).
-A head tuned to one temporal distance then finds a different frame there from step to step. (Tried against the
-heads that park on the farthest frame of the training length, d = 5 at k = 6: in a whole second stage, with
-stride 2 in half the steps, history falls with distance again; README.)
+(Tried against the heads that park on the farthest frame of the training length, d = 5 at k = 6: d = 5 falls under
+d = 4, but because the recent-frame heads learn to read the previous frame 2 steps back too and spread onto
+d = 2-4; the far heads stay where they were, and d = 1 loses its margin over d = 2. README.)
 
 ``--attention blocks`` computes the training attention block by block (:mod:`packcache.demo.block_attention`):
 the same attention up to float rounding, about a third of its FLOPs, 1.3x faster steps on 2 cores. The shipped
