@@ -29,7 +29,7 @@ from packcache.demo import (
     reverse_directions,
 )
 from packcache.demo.clips import COLOUR_NAMES, DIRECTIONS, GRID, OBJ, SCALES, Clip, visual_index
-from packcache.demo.train import TrainConfig, ardf_batch, train
+from packcache.demo.train import MOTION_KINDS, TrainConfig, ardf_batch, motion_kind, object_exactness, train
 from packcache.rope import rotary_layout_of
 from packcache.runtime import generate_video
 
@@ -109,6 +109,49 @@ def test_motion_needs_more_than_the_last_frame():
     assert reappear.mean() > 0.005
 
 
+def _hand_clip(prompt: str, corners: list[list[tuple[int, int]]]) -> Clip:
+    """A clip drawn by hand: plain background (colour 0), the prompt's objects at ``corners[frame][object]``."""
+    text = encode_prompt(prompt)
+    frames = np.zeros((len(corners), GRID, GRID), dtype=np.int64)
+    colours = [VOCAB.colour_words.index(int(w)) for w in text[0::3] if int(w) in VOCAB.colour_words]
+    for f, placed in enumerate(corners):
+        for colour, (y, x) in zip(colours, placed):
+            frames[f, y : y + OBJ, x : x + OBJ] = colour
+    return Clip(frames=frames, text=text)
+
+
+def test_motion_kind_tells_the_prompt_cases_and_bounces():
+    # one object moving right at speed 1 from column 3 hits the right wall (column 6) and comes back
+    right = _hand_clip("green right 1", [[(2, 3)], [(2, 4)], [(2, 5)], [(2, 6)], [(2, 5)], [(2, 4)]])
+    assert [motion_kind(right, 0, k) for k in range(1, 6)] == ["first_one", "straight", "straight", "deflected",
+                                                                "straight"]
+    same = _hand_clip("green right 1 blue right 1", [[(0, 0), (4, 0)], [(0, 1), (4, 1)]])
+    different = _hand_clip("green right 1 blue down 1", [[(0, 0), (4, 0)], [(0, 1), (5, 0)]])
+    assert motion_kind(same, 1, 1) == "first_two_same" and motion_kind(different, 1, 1) == "first_two_different"
+    # an object that is not a whole 2x2 block in the frames that tell is left out
+    overlapped = _hand_clip("green right 1 blue left 1", [[(0, 0), (0, 3)], [(0, 1), (0, 2)]])
+    assert motion_kind(overlapped, 0, 1) is None
+
+
+def test_object_exactness_scores_the_truth_1_and_copy_last_frame_0():
+    clips = [c for c in make_clips(range(60), 7) if not c.info["occluder"]]
+    truth = np.stack([c.frames[1:] for c in clips])
+    perfect = object_exactness(truth, clips)
+    copied = object_exactness(np.stack([c.frames[:-1] for c in clips]), clips)
+    for kind in MOTION_KINDS:
+        assert perfect[f"n_{kind}"] == copied[f"n_{kind}"] > 0, kind
+        assert perfect[f"exact_{kind}"] == 1.0
+        # every object moves every frame, except a fast one that bounces back onto its own place
+        assert copied[f"exact_{kind}"] == 0.0 if kind != "deflected" else 0.0 < copied[f"exact_{kind}"] < 0.5
+    # one stray cell of an object's colour elsewhere makes that object inexact
+    stray = truth.copy()
+    colour = clips[0].object_colours[0]
+    y, x = np.argwhere(stray[0, 0] != colour)[0]
+    stray[0, 0, y, x] = colour
+    kind = motion_kind(clips[0], 0, 1)
+    assert object_exactness(stray, clips)[f"exact_{kind}"] == 1 - 1 / perfect[f"n_{kind}"]
+
+
 def test_token_ids_parse_back_to_the_clip_layout():
     clip = make_clip(3, 5)
     ids = clip_token_ids(clip.text, clip.frames)
@@ -149,6 +192,30 @@ def test_reverse_directions_swaps_only_the_direction_words():
     np.testing.assert_array_equal(reverse_directions(VOCAB.null_prompt()), VOCAB.null_prompt())
 
 
+def test_bound_words_give_each_objects_motion_words_ids_of_its_colour():
+    bound = ClipFormat(bound_words=True)
+    text = encode_prompt("red left 1 blue down 2")
+    ids = bound.text_ids(text)
+    red, blue = COLOUR_NAMES.index("red"), COLOUR_NAMES.index("blue")
+    left, down = list(DIRECTIONS).index("left"), list(DIRECTIONS).index("down")
+    np.testing.assert_array_equal(ids, [text[0], VOCAB.bound_directions + 4 * red + left, VOCAB.bound_speeds + 2 * red,
+                                        text[3], VOCAB.bound_directions + 4 * blue + down,
+                                        VOCAB.bound_speeds + 2 * blue + 1])
+    assert VOCAB.size <= ids[1:3].min() and ids.max() < bound.vocab_size == VOCAB.bound_size
+    # the same words bind to different ids for different objects; padding and the null prompt stay as they are
+    assert bound.text_ids(encode_prompt("blue left 1"))[1] != ids[1]
+    np.testing.assert_array_equal(bound.text_ids(encode_prompt("red left 1"))[3:], text[3:] * 0 + VOCAB.none_word)
+    np.testing.assert_array_equal(bound.text_ids(VOCAB.null_prompt()), VOCAB.null_prompt())
+    np.testing.assert_array_equal(PLAIN.text_ids(text), text)
+    # every path that builds a sequence reads the prompt as the format does
+    clips = make_clips(range(3), 3)
+    batch = ardf_batch(clips, clip_format=bound)
+    for clip, row in zip(clips, batch.ids.numpy()):
+        np.testing.assert_array_equal(row[: len(clip.text)], bound.text_ids(clip.text))
+        np.testing.assert_array_equal(clip_token_ids(clip.text, clip.frames, clip_format=bound)[: len(clip.text)],
+                                      bound.text_ids(clip.text))
+
+
 def test_model_saves_and_loads_offline(tmp_path):
     torch.manual_seed(0)
     model = DemoVideoModel(tiny_config()).eval()
@@ -169,6 +236,9 @@ def test_model_config_records_its_clip_format_and_loading_checks_the_vocabulary(
     DemoVideoModel(tiny_config(vocab_size=fmt.vocab_size, **fmt.config_fields())).save_pretrained(tmp_path / "sink")
     assert ClipFormat.of(load_demo_model(tmp_path / "sink").config) == fmt
     assert ClipFormat.of(DemoVideoModel(tiny_config()).config) == PLAIN  # and checkpoints from before the options
+    bound = ClipFormat(video_start=True, condition_gap=32, bound_words=True)
+    DemoVideoModel(tiny_config(vocab_size=bound.vocab_size, **bound.config_fields())).save_pretrained(tmp_path / "b")
+    assert ClipFormat.of(load_demo_model(tmp_path / "b").config) == bound
     DemoVideoModel(tiny_config(**fmt.config_fields())).save_pretrained(tmp_path / "short")  # 24 ids: no sink id
     with pytest.raises(ValueError, match="needs 25 token ids, the model embeds 24"):
         load_demo_model(tmp_path / "short")
@@ -420,7 +490,8 @@ def test_training_continues_only_in_the_format_of_its_init_checkpoint(tmp_path, 
                            "--condition-gap", "32"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "was trained on ClipFormat(video_start=False, condition_gap=1)" in err and "\n" not in err
+    assert "was trained on ClipFormat(video_start=False, condition_gap=1, bound_words=False)" in err
+    assert "\n" not in err
     assert not (tmp_path / "model").exists()
 
 

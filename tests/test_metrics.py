@@ -41,7 +41,8 @@ def test_copy_last_frame_scores_zero_on_changed_cells():
     assert ground_truth_accuracy(truth, truth)["changed_acc"] == 1.0
 
 
-@pytest.mark.parametrize("clip_format", [PLAIN, ClipFormat(video_start=True, condition_gap=32)], ids=str)
+@pytest.mark.parametrize("clip_format", [PLAIN, ClipFormat(video_start=True, condition_gap=32),
+                                         ClipFormat(video_start=True, condition_gap=32, bound_words=True)], ids=str)
 def test_teacher_forced_full_cache_equals_the_one_shot_training_forward(clip_format):
     """The cache path (prefill, frozen masked frame, append, compact) reproduces the training sequence's logits,
     in every sequence format (the model's config says which)."""

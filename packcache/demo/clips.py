@@ -71,6 +71,11 @@ class Vocab:
     none_word: int = 23
     video_start: int = 24  # only in sequences of a ClipFormat with video_start
     size: int = 25
+    #: a ClipFormat with bound_words reads each object's direction and speed words as ids that carry its colour:
+    #: ``bound_directions + 4 * colour + direction`` and ``bound_speeds + 2 * colour + speed``
+    bound_directions: int = 25
+    bound_speeds: int = 49
+    bound_size: int = 61
 
     @property
     def colour_ids(self) -> tuple[int, ...]:
@@ -97,10 +102,15 @@ class ClipFormat:
     attend to it, so a head with nothing to read can rest there (an attention sink) instead of on far frames.
     ``condition_gap``: time steps from the condition frame to frame 1 in the 3-D positions
     (:attr:`SequenceLayout.cond_time_gap`; 1 = adjacent); frames 1, 2, ... keep a step of 1 between them.
+    ``bound_words``: the model reads each object's direction and speed words as token ids that carry the object's
+    colour (:meth:`text_ids`), so a cell of the object finds its motion by one match of content. With separate
+    words a small model must first bind each word to the colour word before it; the demo model never learns
+    that within its budget, and moves every object of a two-object prompt by a blend of both motions.
     """
 
     video_start: bool = False
     condition_gap: int = 1
+    bound_words: bool = False
 
     def __post_init__(self) -> None:
         if self.condition_gap < 1:
@@ -110,7 +120,8 @@ class ClipFormat:
     def of(cls, config: object) -> ClipFormat:
         """The format a demo model's config records (checkpoints from before these options: :data:`PLAIN`)."""
         return cls(video_start=bool(getattr(config, "packcache_video_start", False)),
-                   condition_gap=int(getattr(config, "packcache_condition_gap", 1)))
+                   condition_gap=int(getattr(config, "packcache_condition_gap", 1)),
+                   bound_words=bool(getattr(config, "packcache_bound_words", False)))
 
     @property
     def prefix_ids(self) -> np.ndarray:
@@ -120,11 +131,29 @@ class ClipFormat:
     @property
     def vocab_size(self) -> int:
         """Token ids a model of this format embeds."""
+        if self.bound_words:
+            return VOCAB.bound_size
         return VOCAB.size if self.video_start else VOCAB.video_start
 
     def config_fields(self) -> dict:
         """The fields of :class:`~packcache.demo.DemoVideoConfig` that record this format."""
-        return {"packcache_video_start": self.video_start, "packcache_condition_gap": self.condition_gap}
+        return {"packcache_video_start": self.video_start, "packcache_condition_gap": self.condition_gap,
+                "packcache_bound_words": self.bound_words}
+
+    def text_ids(self, text: np.ndarray) -> np.ndarray:
+        """The token ids a model of this format reads for the prompt ``text`` (word ids, as :func:`encode_prompt`
+        gives them): the words themselves, or with ``bound_words`` each object's direction and speed words bound
+        to its colour."""
+        text = np.asarray(text, dtype=np.int64)
+        if not self.bound_words:
+            return text
+        bound = text.copy()
+        for i in range(0, len(text) - 2, 3):
+            if int(text[i]) in VOCAB.colour_words:
+                colour = VOCAB.colour_words.index(int(text[i]))
+                bound[i + 1] = VOCAB.bound_directions + 4 * colour + VOCAB.direction_words.index(int(text[i + 1]))
+                bound[i + 2] = VOCAB.bound_speeds + 2 * colour + VOCAB.speed_words.index(int(text[i + 2]))
+        return bound
 
 
 #: the format of the shipped checkpoint: text, then the frames at adjacent times
@@ -280,9 +309,9 @@ def frame_token_ids(grid: np.ndarray, vocab: Vocab = VOCAB) -> np.ndarray:
 
 def clip_token_ids(text: np.ndarray, frames: np.ndarray, vocab: Vocab = VOCAB, clip_format: ClipFormat = PLAIN
                    ) -> np.ndarray:
-    """Token ids of a whole sequence: ``text``, the format's prefix specials, then every frame of
-    ``frames [T, H, W]`` (none: the part before frame 0)."""
-    return np.concatenate([np.asarray(text, dtype=np.int64), clip_format.prefix_ids]
+    """Token ids of a whole sequence: ``text`` (word ids, read as the format reads them), the format's prefix
+    specials, then every frame of ``frames [T, H, W]`` (none: the part before frame 0)."""
+    return np.concatenate([clip_format.text_ids(text), clip_format.prefix_ids]
                           + [frame_token_ids(f, vocab) for f in frames])
 
 

@@ -26,13 +26,14 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "demo-model"
 
 class DemoVideoConfig(Qwen3VLTextConfig):
     """A ``Qwen3VLTextConfig`` with the colour-head size; ``packcache_rotary`` names the rotary layout and
-    ``packcache_video_start`` / ``packcache_condition_gap`` the sequence format
+    ``packcache_video_start`` / ``packcache_condition_gap`` / ``packcache_bound_words`` the sequence format
     (:class:`~packcache.demo.clips.ClipFormat`)."""
 
     model_type = "packcache_demo_video"
 
     def __init__(self, num_colours: int = 6, packcache_rotary: str = "mrope_interleaved",
-                 packcache_video_start: bool = False, packcache_condition_gap: int = 1, **kwargs) -> None:
+                 packcache_video_start: bool = False, packcache_condition_gap: int = 1,
+                 packcache_bound_words: bool = False, **kwargs) -> None:
         defaults = dict(vocab_size=24, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=512,
                         rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [6, 5, 5]},
@@ -45,6 +46,7 @@ class DemoVideoConfig(Qwen3VLTextConfig):
         self.packcache_rotary = packcache_rotary
         self.packcache_video_start = packcache_video_start
         self.packcache_condition_gap = packcache_condition_gap
+        self.packcache_bound_words = packcache_bound_words
 
 
 @dataclass
