@@ -71,9 +71,11 @@ d = 2-4; the far heads stay where they were, and d = 1 loses its margin over d =
 ``--bound-words`` reads each object's direction and speed words as token ids that carry the object's colour
 (:attr:`~packcache.demo.clips.ClipFormat.bound_words`; the prompt string stays the same). With separate words the
 model must bind each motion word to the colour word before it, and it never learns that within its budget: from the
-condition frame and a two-object prompt it places an object exactly at frame 1 in 0.10 of the cases where the two
-objects move differently, against 0.90 where they move alike and 0.97 for one object (session-21 model B). The
-training log's ``objects exact`` (:func:`object_exactness`) tracks those cases and the later frames.
+condition frame and a two-object prompt it places an object exactly at frame 1 in 0.12 of the cases where the two
+objects move differently, against 0.78 where they move alike and 0.95 for one object (session-21 model B). The
+training log's ``objects exact`` (:func:`object_exactness`) tracks those cases and the later frames. (Tried: the
+2-frame stage with bound words binds, 0.47 exact for two objects that move differently against 0.18, but places
+single objects worse, 0.48 against 0.87, and after the whole-clip stage the free-running objects fall apart. README.)
 
 ``--attention blocks`` computes the training attention block by block (:mod:`packcache.demo.block_attention`):
 the same attention up to float rounding, about a third of its FLOPs, 1.3x faster steps on 2 cores. The shipped
