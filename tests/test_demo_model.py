@@ -468,6 +468,7 @@ def test_own_partial_frames_show_the_models_surest_cells():
     (["--turn-prob", "1.5"], "turn_prob must lie in [0, 1]"),
     (["--time-stride-prob", "0.5", "--time-stride-max", "1"], "time_stride_max must be >= 2"),
     (["--condition-gap", "0"], "condition_gap must be >= 1"),
+    (["--intermediate-size", "0"], "intermediate_size must be >= 1"),
     (["--own-history-passes", "0"], "own_history_passes must be >= 1"),
     (["--own-history-steps", "-1"], "own_history_steps must be >= 0"),
     (["--own-partial-prob", "0.5", "--own-history-passes", "2"], "own_partial_prob needs own_history_passes 1"),
@@ -487,12 +488,32 @@ def test_training_continues_only_in_the_format_of_its_init_checkpoint(tmp_path, 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         train_module.main(["--out", str(tmp_path / "model"), "--init", str(tmp_path / "plain"), "--video-start",
-                           "--condition-gap", "32"])
+                           "--condition-gap", "32", "--intermediate-size", "64"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "was trained on ClipFormat(video_start=False, condition_gap=1, bound_words=False)" in err
     assert "\n" not in err
     assert not (tmp_path / "model").exists()
+
+
+def test_training_continues_only_at_the_mlp_width_of_its_init_checkpoint(tmp_path, capsys):
+    DemoVideoModel(tiny_config()).save_pretrained(tmp_path / "narrow")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # the default width, 384
+        train_module.main(["--out", str(tmp_path / "model"), "--init", str(tmp_path / "narrow")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "has MLP width 64, the options ask for 384 (pass the same --intermediate-size)" in err
+    assert "\n" not in err
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_fresh_model_takes_the_mlp_width_of_its_options(tmp_path):
+    cfg = TrainConfig(steps=1, batch=1, frames=2, warmup=1, eval_every=1, eval_clips=1, intermediate_size=40)
+    train(cfg, tmp_path / "model", log=io.StringIO())
+    model = DemoVideoModel.from_pretrained(tmp_path / "model")
+    assert model.config.intermediate_size == 40
+    assert model.model.layers[0].mlp.up_proj.weight.shape == (40, model.config.hidden_size)
 
 
 def test_ardf_batch_in_the_video_start_format_puts_the_sink_after_the_text_at_the_layout_positions():

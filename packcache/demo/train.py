@@ -174,6 +174,7 @@ class TrainConfig:
     video_start: bool = False  # sequence format (ClipFormat): <video_start> after the text
     condition_gap: int = 1  # sequence format (ClipFormat): time steps from the condition frame to frame 1
     bound_words: bool = False  # sequence format (ClipFormat): direction and speed words carry their object's colour
+    intermediate_size: int = 384  # the model's MLP width (a fresh model's; --init must match its checkpoint's)
     text_dropout: float = 0.1
     eval_every: int = 200
     eval_clips: int = 32
@@ -198,6 +199,8 @@ class TrainConfig:
         if self.own_partial_prob and self.own_history_passes > 1:
             raise ValueError("own_partial_prob needs own_history_passes 1 (its frames must be decoded from the "
                              "clean past the clip shows)")
+        if self.intermediate_size < 1:
+            raise ValueError(f"intermediate_size must be >= 1, got {self.intermediate_size}")
         if self.condition_gap < 1:
             raise ValueError(f"condition_gap must be >= 1, got {self.condition_gap}")
 
@@ -525,7 +528,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
         check_init(cfg)
         model = DemoVideoModel.from_pretrained(cfg.init)
     else:
-        config = model_config or DemoVideoConfig(vocab_size=cfg.clip_format.vocab_size)
+        config = model_config or DemoVideoConfig(vocab_size=cfg.clip_format.vocab_size,
+                                                 intermediate_size=cfg.intermediate_size)
         config.update(cfg.clip_format.config_fields())
         model = DemoVideoModel(config)
     if cfg.attention == "blocks":
@@ -613,12 +617,17 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, log=sys.stderr, model_con
 
 
 def check_init(cfg: TrainConfig) -> None:
-    """Raise ``ValueError`` if ``cfg.init`` is not a demo checkpoint of the sequence format ``cfg`` asks for."""
+    """Raise ``ValueError`` if ``cfg.init`` is not a demo checkpoint of the MLP width and sequence format ``cfg``
+    asks for."""
     if not cfg.init:
         return
     if not (Path(cfg.init) / "config.json").is_file():
         raise ValueError(f"--init {cfg.init}: no checkpoint there (config.json missing)")
-    found = ClipFormat.of(DemoVideoConfig.from_pretrained(cfg.init))
+    config = DemoVideoConfig.from_pretrained(cfg.init)
+    if config.intermediate_size != cfg.intermediate_size:
+        raise ValueError(f"--init {cfg.init} has MLP width {config.intermediate_size}, the options ask for "
+                         f"{cfg.intermediate_size} (pass the same --intermediate-size)")
+    found = ClipFormat.of(config)
     if found != cfg.clip_format:
         raise ValueError(f"--init {cfg.init} was trained on {found}, the options ask for {cfg.clip_format} "
                          f"(pass the same --video-start, --condition-gap and --bound-words)")
