@@ -24,6 +24,10 @@ __all__ = ["DemoVideoConfig", "DemoVideoModel", "DemoVideoOutput", "ardf_mask", 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "demo-model"
 
 
+#: The MLP width of a demo model unless its config (or ``--intermediate-size``) says otherwise.
+DEFAULT_INTERMEDIATE_SIZE = 384
+
+
 class DemoVideoConfig(Qwen3VLTextConfig):
     """A ``Qwen3VLTextConfig`` with the colour-head size; ``packcache_rotary`` names the rotary layout and
     ``packcache_video_start`` / ``packcache_condition_gap`` / ``packcache_bound_words`` the sequence format
@@ -34,8 +38,9 @@ class DemoVideoConfig(Qwen3VLTextConfig):
     def __init__(self, num_colours: int = 6, packcache_rotary: str = "mrope_interleaved",
                  packcache_video_start: bool = False, packcache_condition_gap: int = 1,
                  packcache_bound_words: bool = False, **kwargs) -> None:
-        defaults = dict(vocab_size=24, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=512,
+        defaults = dict(vocab_size=24, hidden_size=128, intermediate_size=DEFAULT_INTERMEDIATE_SIZE,
+                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+                        max_position_embeddings=512,
                         rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [6, 5, 5]},
                         attn_implementation="sdpa", bos_token_id=None, eos_token_id=None, pad_token_id=None,
                         tie_word_embeddings=False)

@@ -115,7 +115,7 @@ from packcache.demo.clips import (
     reverse_directions,
     visual_index,
 )
-from packcache.demo.model import DemoVideoConfig, DemoVideoModel, ardf_mask
+from packcache.demo.model import DEFAULT_INTERMEDIATE_SIZE, DemoVideoConfig, DemoVideoModel, ardf_mask
 from packcache.progress import ProgressBar
 from packcache.runtime import still_masked
 
@@ -174,7 +174,7 @@ class TrainConfig:
     video_start: bool = False  # sequence format (ClipFormat): <video_start> after the text
     condition_gap: int = 1  # sequence format (ClipFormat): time steps from the condition frame to frame 1
     bound_words: bool = False  # sequence format (ClipFormat): direction and speed words carry their object's colour
-    intermediate_size: int = 384  # the model's MLP width (a fresh model's; --init must match its checkpoint's)
+    intermediate_size: int = DEFAULT_INTERMEDIATE_SIZE  # MLP width of a fresh model (--init: its checkpoint's)
     text_dropout: float = 0.1
     eval_every: int = 200
     eval_clips: int = 32
