@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup setup-test demo test lint data
+.PHONY: setup setup-test demo test lint model data
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,16 +34,22 @@ test: setup-test
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# The demo checkpoint: two stages from seed 0 (README, packcache/demo/README.md). The options fix the weights bit for
+# bit at a given thread count; DEMO_FORMAT is the sequence format and model size both stages share.
+DEMO_FORMAT := --attention blocks --turn-prob 0.1 --video-start --condition-gap 32 --threads 2 --intermediate-size 256
+
+model: setup
+	$(PY) -m packcache.demo.train --out out/demo-stage1 --seed 0 $(DEMO_FORMAT) --frames 2 --batch 64 \
+	  --full-mask-prob 1.0 --steps 1500
+	$(PY) -m packcache.demo.train --out data/demo-model --init out/demo-stage1 $(DEMO_FORMAT) --steps 2000 \
+	  --final-phase 0 --first-frame-batch 8 --own-history-prob 0.5 --confidence-mask-prob 0.5 --min-mask-ratio 0.1 \
+	  --free-running-from 0.65 --time-stride-prob 0.4 --time-stride-max 3 --text-dropout 0.5 --eval-every 1000
+	cp out/demo-stage1/train_log.json data/demo-model/train_log_stage1.json
+
 # Regenerate what data/ ships from the checkpoints (about 30 min on 2 cores). data/bench.json does not depend on
 # them: packcache-bench --sections speed,scaling -o data/bench.json (on an idle machine, about 9 min) and
-# packcache-bench --sections profile -o data/bench-profile.json (about 2 min).
-# The checkpoints themselves come from (about 58.5 + 19 min on the machine that trained them; the first two
-# commands took 28.4 min on a machine about twice as fast):
-#   python -m packcache.demo.train --out data/demo-model --seed 0
-#   python -m packcache.demo.train --out data/demo-model --init data/demo-model --steps 500 --lr 1e-3 --warmup 30 \
-#     --final-phase 0 --eval-every 1000
-#   python -m packcache.demo.train --out data/demo-model-long --init data/demo-model --frames 13 --steps 200 \
-#     --lr 5e-4 --warmup 20 --final-phase 0
+# packcache-bench --sections profile -o data/bench-profile.json (about 2 min). data/demo-model-long, the long-clip
+# comparison model, is an earlier demo model fine-tuned on 13-frame clips (README).
 data: setup
 	$(VENV)/bin/packcache-profile -o data/demo-profile/budget.json --stats-out data/demo-profile/stats.npz \
 	  --compare data/demo-profile/fidelity.json

@@ -1,12 +1,16 @@
 """Train the demo video model with AR-DF temporal tube masking (Lumos-1 style), on CPU.
 
-    python -m packcache.demo.train --out data/demo-model --seed 0
-    python -m packcache.demo.train --out data/demo-model --init data/demo-model --steps 500 --lr 1e-3 \
-        --warmup 30 --final-phase 0 --eval-every 1000
+    make model   # the shipped checkpoint: these two commands, with the Makefile's DEMO_FORMAT
+    python -m packcache.demo.train --out out/demo-stage1 --seed 0 $DEMO_FORMAT --frames 2 --batch 64 \
+        --full-mask-prob 1.0 --steps 1500
+    python -m packcache.demo.train --out data/demo-model --init out/demo-stage1 $DEMO_FORMAT --steps 2000 \
+        --final-phase 0 --first-frame-batch 8 --own-history-prob 0.5 --confidence-mask-prob 0.5 \
+        --min-mask-ratio 0.1 --free-running-from 0.65 --time-stride-prob 0.4 --time-stride-max 3 \
+        --text-dropout 0.5 --eval-every 1000
 
-The shipped checkpoint is these two stages (2 threads, 48.9 + 9.6 minutes on 2 cores, evaluation included): the
-second stage trains on with the changed-cell weight of 4 throughout; the first stage's final phase (weight 2) had
-traded changed-cell accuracy (0.83 -> 0.73 on held-out clips) for overall accuracy.
+The shipped checkpoint (MLP width 256, 661k parameters) is these two stages: frame 1 alone from the condition frame
+and the prompt, where the model learns to read the prompt's directions; then whole clips with its own frames as
+history, a lower frame rate in some steps and the null prompt in half the clips (README: minutes and losses).
 
 Each training sequence is ``text | clean frames 0..T-2 | a masked copy of every frame 1..T-1``. A masked copy
 sits at its real frame's positions and sees the text, the clean frames before it and itself (bidirectionally).
@@ -79,7 +83,7 @@ single objects worse, 0.48 against 0.87, and after the whole-clip stage the free
 
 ``--attention blocks`` computes the training attention block by block (:mod:`packcache.demo.block_attention`):
 the same attention up to float rounding, about a third of its FLOPs, 1.3x faster steps on 2 cores. The shipped
-checkpoint was trained with the default (one masked sdpa call), so that default reproduces it.
+checkpoint is trained with it; the default (one masked sdpa call) reproduces earlier checkpoints.
 """
 
 from __future__ import annotations
