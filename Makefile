@@ -49,7 +49,9 @@ model: setup
 # Regenerate what data/ ships from the checkpoints (about 30 min on 2 cores). data/bench.json does not depend on
 # them: packcache-bench --sections speed,scaling -o data/bench.json (on an idle machine, about 9 min) and
 # packcache-bench --sections profile -o data/bench-profile.json (about 2 min). data/demo-model-long, the long-clip
-# comparison model, is an earlier demo model fine-tuned on 13-frame clips (README).
+# comparison model, is the previous checkpoint (README: "The previous checkpoint") fine-tuned on 13-frame clips:
+#   python -m packcache.demo.train --out data/demo-model-long --init PREVIOUS_CHECKPOINT --frames 13 --steps 200 \
+#     --lr 5e-4 --warmup 20 --final-phase 0
 data: setup
 	$(VENV)/bin/packcache-profile -o data/demo-profile/budget.json --stats-out data/demo-profile/stats.npz \
 	  --compare data/demo-profile/fidelity.json

@@ -1,14 +1,9 @@
 """Train the demo video model with AR-DF temporal tube masking (Lumos-1 style), on CPU.
 
-    make model   # the shipped checkpoint: these two commands, with the Makefile's DEMO_FORMAT
-    python -m packcache.demo.train --out out/demo-stage1 --seed 0 $DEMO_FORMAT --frames 2 --batch 64 \
-        --full-mask-prob 1.0 --steps 1500
-    python -m packcache.demo.train --out data/demo-model --init out/demo-stage1 $DEMO_FORMAT --steps 2000 \
-        --final-phase 0 --first-frame-batch 8 --own-history-prob 0.5 --confidence-mask-prob 0.5 \
-        --min-mask-ratio 0.1 --free-running-from 0.65 --time-stride-prob 0.4 --time-stride-max 3 \
-        --text-dropout 0.5 --eval-every 1000
+    make model   # the shipped checkpoint: the Makefile's ``model`` target holds its two commands
+    python -m packcache.demo.train --out DIR [--init CHECKPOINT] [options]
 
-The shipped checkpoint (MLP width 256, 661k parameters) is these two stages: frame 1 alone from the condition frame
+The shipped checkpoint (MLP width 256, 661k parameters) is two stages: frame 1 alone from the condition frame
 and the prompt, where the model learns to read the prompt's directions; then whole clips with its own frames as
 history, a lower frame rate in some steps and the null prompt in half the clips (README: minutes and losses).
 
