@@ -475,6 +475,7 @@ def test_own_partial_frames_show_the_models_surest_cells():
     (["--own-history-passes", "0"], "own_history_passes must be >= 1"),
     (["--own-history-steps", "-1"], "own_history_steps must be >= 0"),
     (["--own-partial-prob", "0.5", "--own-history-passes", "2"], "own_partial_prob needs own_history_passes 1"),
+    (["--processes", "3"], "processes must divide threads, batch and first_frame_batch, got 3"),
     (["--init", "no/such/dir"], "--init no/such/dir: no checkpoint there"),
 ])
 def test_training_command_rejects_bad_options_in_one_line(tmp_path, capsys, args, message):
@@ -538,6 +539,24 @@ def test_compiled_training_computes_the_eager_losses_and_saves_a_plain_checkpoin
     assert compiled.keys() == eager.keys()
     drift = torch.cat([(compiled[k] - eager[k]).abs().flatten() for k in eager])
     assert drift.mean() < 1e-5, "two compiled steps moved the weights away from the eager steps"
+
+
+def test_training_in_two_processes_follows_one_process(tmp_path):
+    # step 2 also predicts the model's own frames (an untrained model's near-ties make later steps' own frames
+    # depend on the rounding of the earlier steps)
+    cfg = TrainConfig(steps=2, batch=4, frames=3, warmup=1, eval_every=1, eval_clips=2, attention="blocks",
+                      first_frame_batch=2, own_history_prob=0.5, own_partial_prob=0.5, confidence_mask_prob=0.5,
+                      min_mask_ratio=0.1, free_running_from=0.5, time_stride_prob=0.5, time_stride_max=3)
+    train(cfg, tmp_path / "one", model_config=tiny_config(), log=io.StringIO())
+    train(dataclasses.replace(cfg, processes=2), tmp_path / "two", model_config=tiny_config())
+    logs = {name: json.loads((tmp_path / name / "train_log.json").read_text()) for name in ("one", "two")}
+    # the processes' loss shares sum to the whole batch's loss, step by step
+    for one, two in zip(logs["one"]["eval"], logs["two"]["eval"], strict=True):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    one, two = (DemoVideoModel.from_pretrained(tmp_path / name).state_dict() for name in ("one", "two"))
+    drift = torch.cat([(two[k] - one[k]).abs().flatten() for k in one])
+    assert drift.mean() < 1e-5, "the summed gradients of the two halves moved the weights elsewhere"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
 
 
 def test_ardf_batch_in_the_video_start_format_puts_the_sink_after_the_text_at_the_layout_positions():
